@@ -1,0 +1,171 @@
+"""Building blocks shared by MobileNet V1, MobileNet V2 and ShuffleNet.
+
+Every network here is a stack of `ConvBN` blocks (convolution -> BatchNorm -> optional activation)
+followed by `ClassifierHead`. Depthwise and grouped convolutions are `nn.Conv` with
+`feature_group_count`; all tensors are NHWC.
+"""
+
+import functools
+from typing import Any, Callable, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any
+Padding = Union[str, Sequence[tuple[int, int]]]
+
+# He-normal on the fan-out, the initialisation of the torchvision and timm MobileNets.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+dense_kernel_init = nn.initializers.normal(stddev=0.01)
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
+  """Rounds `value` to the nearest multiple of `divisor`, never going below 90% of it.
+
+  The channel rounding of the MobileNet V2 reference implementations (TF-slim, Keras, torchvision).
+  """
+  min_value = divisor if min_value is None else min_value
+  rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+  if rounded < 0.9 * value:
+    rounded += divisor
+  return rounded
+
+
+def round_to_multiple(value: int, divisor: int) -> int:
+  """The multiple of `divisor` nearest to `value` (ties round up), at least `divisor`."""
+  return max(divisor, (value + divisor // 2) // divisor * divisor)
+
+
+def channel_shuffle(x: jnp.ndarray, groups: int) -> jnp.ndarray:
+  """ShuffleNet's channel shuffle (Zhang et al. 2017, section 3.1).
+
+  The channel axis is reshaped to (groups, n), transposed to (n, groups) and flattened, so output
+  channel i * groups + j is input channel j * n + i.
+  """
+  *batch_dims, channels = x.shape
+  if channels % groups:
+    raise ValueError(f'channel_shuffle: {channels} channels do not split into {groups} groups.')
+  x = x.reshape(*batch_dims, groups, channels // groups)
+  x = jnp.swapaxes(x, -1, -2)
+  return x.reshape(*batch_dims, channels)
+
+
+def same_padding(kernel_size: int) -> Padding:
+  """TensorFlow's 'SAME' rule (for stride 2 and even inputs: 0 before, 1 after)."""
+  del kernel_size
+  return 'SAME'
+
+
+def symmetric_padding(kernel_size: int) -> Padding:
+  """Caffe/PyTorch padding: kernel_size // 2 on every side."""
+  return ((kernel_size // 2, kernel_size // 2),) * 2
+
+
+class ConvBN(nn.Module):
+  """Convolution -> BatchNorm -> activation (`act=None` for a linear block).
+
+  `groups` is the convolution's `feature_group_count`: 1 for a full or pointwise convolution,
+  the channel count for a depthwise one (see `depthwise`), g for ShuffleNet's group convolutions.
+  """
+  features: int
+  kernel_size: int
+  conv: ModuleDef
+  norm: ModuleDef
+  padding: Callable[[int], Padding] = same_padding
+  strides: int = 1
+  groups: int = 1
+  act: Optional[Callable[[jnp.ndarray], jnp.ndarray]] = nn.relu
+
+  @nn.compact
+  def __call__(self, x):
+    x = self.conv(
+        self.features, (self.kernel_size, self.kernel_size), (self.strides, self.strides),
+        padding=self.padding(self.kernel_size), feature_group_count=self.groups, name='conv')(x)
+    x = self.norm(name='bn')(x)
+    return x if self.act is None else self.act(x)
+
+
+def depthwise(channels: int, **kwargs) -> dict:
+  """Keyword arguments that make a `ConvBN` depthwise over `channels` channels."""
+  return dict(features=channels, groups=channels, **kwargs)
+
+
+class ClassifierHead(nn.Module):
+  """Global average pool -> dropout -> fully connected layer (logits in float32)."""
+  num_classes: int
+  dropout_rate: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init,
+                 name='classifier')(x)
+    return jnp.asarray(x, jnp.float32)
+
+
+class Backbone(nn.Module):
+  """Fields and layer defaults shared by the three networks.
+
+  Subclasses implement `features(x, conv_bn)` returning the last feature map, and list the stride-2
+  layers they remove when `small_input` is set (CIFAR-style adaptation, off by default).
+  """
+  num_classes: int = 1000
+  alpha: float = 1.0
+  dropout_rate: float = 0.0
+  small_input: bool = False
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  # Total stride of the network with and without `small_input`.
+  full_stride = 32
+  small_input_stride = 8
+  padding = staticmethod(same_padding)
+
+  def __post_init__(self):
+    if not self.alpha > 0:
+      raise ValueError(f'model.alpha must be > 0, got {self.alpha}.')
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f'model.dropout_rate must be in [0, 1), got {self.dropout_rate}.')
+    if not 0.0 <= self.bn_momentum < 1.0:
+      raise ValueError(f'model.bn_momentum must be in [0, 1), got {self.bn_momentum}.')
+    if not self.bn_epsilon > 0:
+      raise ValueError(f'model.bn_epsilon must be > 0, got {self.bn_epsilon}.')
+    if self.num_classes < 1:
+      raise ValueError(f'num_classes must be >= 1, got {self.num_classes}.')
+    super().__post_init__()
+
+  @property
+  def total_stride(self) -> int:
+    return self.small_input_stride if self.small_input else self.full_stride
+
+  def check_image_size(self, image_size: int):
+    """Raises ValueError when the input is smaller than the network's total stride."""
+    if image_size < self.total_stride:
+      hint = (' or set model.small_input=True' if not self.small_input else '')
+      raise ValueError(
+          f'image_size={image_size} is too small for {type(self).__name__}, whose total stride is '
+          f'{self.total_stride}: use image_size >= {self.total_stride}{hint}.')
+
+  def conv_bn(self, train: bool):
+    """`ConvBN` with this network's padding, dtype and BatchNorm settings bound in."""
+    conv = functools.partial(
+        nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+        epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.axis_name)
+    return functools.partial(ConvBN, conv=conv, norm=norm, padding=self.padding)
+
+  def features(self, x, conv_bn):
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    self.check_image_size(min(x.shape[1:3]))
+    x = jnp.asarray(x, self.dtype)
+    x = self.features(x, self.conv_bn(train))
+    return ClassifierHead(self.num_classes, self.dropout_rate, self.dtype, name='head')(x, train)
+

@@ -1,0 +1,104 @@
+"""ShuffleNet v1 (Zhang et al. 2017, Table 1 and Figure 2).
+
+A 3x3 stride-2 convolution (24 channels) and a 3x3 stride-2 max pool, three stages of ShuffleNet
+units (1 + 3, 1 + 7 and 1 + 3 units; the first of each has stride 2), global average pooling and the
+classifier. Convolutions use Caffe/PyTorch symmetric padding, as the original implementation.
+
+Widths: the stage outputs of Table 1 for g groups, multiplied by the scale factor s ("ShuffleNet
+s x"); the bottleneck of every unit is a quarter of the unit's output width. The 24-channel stem is
+scaled by s up to 1x and by floor(s) above (int(24 * s) for 0.25x, 0.5x and 1x; 24 for 1.5x, 48 for
+2x), as in the official implementation: this is what gives Table 5's 292 MFLOPs for 1.5x (g = 3),
+where scaling the stem to 36 would give 300 MFLOPs. Where a scaled width does not divide into g groups as the group convolutions and the shuffle
+require, it is rounded to the nearest multiple of g (ties up): the stem, each stage width and each
+bottleneck independently. Every width of Table 1, and of the 1x, 0.5x and 0.25x networks with g = 1
+and g = 3, is a multiple already and stays as published; e.g. g = 4 at 0.25x has stem 8 (not 6)
+and a first-stage bottleneck of 16 (not 17).
+"""
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from models import layers
+
+STEM_CHANNELS = 24
+# Output channels of Stages 2, 3 and 4 for each number of groups g, Table 1.
+STAGE_CHANNELS = {
+    1: (144, 288, 576),
+    2: (200, 400, 800),
+    3: (240, 480, 960),
+    4: (272, 544, 1088),
+    8: (384, 768, 1536),
+}
+STAGE_UNITS = (4, 8, 4)
+BOTTLENECK_RATIO = 4
+
+
+class ShuffleUnit(nn.Module):
+  """Figure 2 (b) with stride 1, (c) with stride 2.
+
+  1x1 group conv -> BN -> ReLU -> channel shuffle -> 3x3 depthwise conv (stride 1 or 2) -> BN ->
+  1x1 group conv -> BN; then ReLU(x + branch), or, with stride 2, ReLU(concat(avg_pool(x), branch))
+  where the branch produces only the channels the shortcut lacks.
+  """
+  features: int
+  bottleneck: int
+  groups: int
+  strides: int
+  conv_bn: layers.ModuleDef
+  group_first_conv: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    in_channels = x.shape[-1]
+    branch_channels = self.features - in_channels if self.strides == 2 else self.features
+    y = self.conv_bn(self.bottleneck, 1, groups=self.groups if self.group_first_conv else 1,
+                     act=nn.relu, name='compress')(x)
+    y = layers.channel_shuffle(y, self.groups)
+    y = self.conv_bn(kernel_size=3, strides=self.strides, act=None, name='depthwise',
+                     **layers.depthwise(self.bottleneck))(y)
+    y = self.conv_bn(branch_channels, 1, groups=self.groups, act=None, name='expand')(y)
+    if self.strides == 1:
+      return nn.relu(x + y)
+    shortcut = nn.avg_pool(x, (3, 3), (2, 2), padding=layers.symmetric_padding(3))
+    return nn.relu(jnp.concatenate([shortcut, y], axis=-1))
+
+
+def check_groups(groups: int):
+  if groups not in STAGE_CHANNELS:
+    raise ValueError(f'model.groups must be one of {sorted(STAGE_CHANNELS)} (ShuffleNet Table 1), '
+                     f'got {groups}.')
+
+
+def stage_widths(groups: int, scale: float) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+  """(stem width, stage output widths, stage bottleneck widths) for g groups at scale s."""
+  check_groups(groups)
+  stem_scale = scale if scale <= 1 else math.floor(scale)
+  stem = layers.round_to_multiple(int(STEM_CHANNELS * stem_scale), groups)
+  outputs = tuple(layers.round_to_multiple(int(c * scale), groups) for c in STAGE_CHANNELS[groups])
+  bottlenecks = tuple(layers.round_to_multiple(c // BOTTLENECK_RATIO, groups) for c in outputs)
+  return stem, outputs, bottlenecks
+
+
+class ShuffleNet(layers.Backbone):
+  """ShuffleNet v1 with g groups at scale s (`alpha`); see the module docstring."""
+  groups: int = 3
+  padding = staticmethod(layers.symmetric_padding)
+
+  def __post_init__(self):
+    check_groups(self.groups)
+    super().__post_init__()
+
+  def features(self, x, conv_bn):
+    stem, outputs, bottlenecks = stage_widths(self.groups, self.alpha)
+    # `small_input` drops the stride of the stem and the max pool.
+    x = conv_bn(stem, 3, strides=1 if self.small_input else 2, act=nn.relu, name='stem')(x)
+    if not self.small_input:
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=layers.symmetric_padding(3))
+    for stage, (units, width, bottleneck) in enumerate(zip(STAGE_UNITS, outputs, bottlenecks)):
+      for unit in range(units):
+        x = ShuffleUnit(width, bottleneck, self.groups, strides=2 if unit == 0 else 1,
+                        conv_bn=conv_bn, group_first_conv=not (stage == 0 and unit == 0),
+                        name=f'stage{stage + 2}_unit{unit + 1}')(x)
+    return x
