@@ -27,9 +27,6 @@ from ml_collections import config_flags
 
 import models
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.', lock_config=True)
-_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
-
 KINDS = ('conv', 'grouped conv', 'depthwise', 'pointwise', 'grouped pointwise', 'dense')
 
 
@@ -190,8 +187,8 @@ def format_table(result: Complexity) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  if _JSON.value:
+  config = flags.FLAGS.config
+  if flags.FLAGS.json:
     print(json.dumps(summary(config)))
   else:
     model = models.get_model(config)
@@ -199,6 +196,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Model config file.', lock_config=True)
+  flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
   flags.mark_flag_as_required('config')
   try:
     app.run(main)

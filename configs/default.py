@@ -47,6 +47,52 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_classes = 1000
   # The resolution multiplier rho: image_size = 224 * rho.
   config.image_size = 224
-  # bfloat16 compute with float32 parameters.
+  # bfloat16 compute with float32 parameters, BatchNorm statistics and optimizer state.
   config.half_precision = False
+
+  # Data. `synthetic` is a generated stand-in of `synthetic_*_examples` images.
+  config.data_dir = ''
+  config.train_split = 'train'
+  config.eval_split = 'test'
+  config.synthetic_train_examples = 512
+  config.synthetic_eval_examples = 100
+  config.normalization_mean = (127.5, 127.5, 127.5)  # [-1, 1], as TF's MobileNets expect
+  config.normalization_std = (127.5, 127.5, 127.5)
+  config.crop_padding = 0  # > 0: pad-and-random-crop augmentation for small images
+
+  # Optimisation (see optimizers.py for the valid names).
+  config.batch_size = 256  # global, split evenly over all devices
+  config.eval_batch_size = 256
+  config.num_epochs = 1.0
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+  config.optimizer = 'sgd'
+  config.learning_rate = 0.1
+  config.lr_reference_batch_size = 0  # > 0: lr scaled by batch_size / lr_reference_batch_size
+  config.momentum = 0.9
+  config.nesterov = False
+  config.rmsprop_decay = 0.9
+  config.rmsprop_epsilon = 1.0
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.adam_epsilon = 1e-8
+  config.schedule = 'cosine'
+  config.warmup_epochs = 0.0
+  config.lr_decay_rate = 0.98
+  config.lr_decay_epochs = 1.0
+  config.lr_staircase = True
+  config.weight_decay = 4e-5
+  config.weight_decay_type = 'l2'
+  # Paths ('block1_depthwise/conv/kernel') that get no weight decay: depthwise kernels (MobileNet
+  # V1, section 3.2), BatchNorm parameters and biases.
+  config.weight_decay_exclude = r'.*depthwise.*|.*/bias|.*/scale'
+  config.label_smoothing = 0.0
+  config.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
+  config.ema_decay = 0.0  # > 0: keep and evaluate an exponential moving average of the weights
+
+  # Logging, evaluation and checkpoints (in steps).
+  config.log_every_steps = 50
+  config.eval_every_steps = 1000
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.seed = 0
   return config

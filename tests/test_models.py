@@ -106,7 +106,8 @@ def test_forward_is_finite_in_train_and_eval_mode(name, width, res, groups):
 def _params(config):
   model = models.get_model(config)
   image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-  return jax.eval_shape(model.init, jax.random.key(0), image)['params']
+  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                        image)['params']
 
 
 def _kernel(params, path):
@@ -254,12 +255,12 @@ def test_bfloat16_compute_with_float32_parameters():
   config.half_precision = True
   model = models.get_model(config)
   image = jnp.ones((2, 32, 32, 3))
-  variables = jax.jit(model.init)(jax.random.key(0), image)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), image)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
-  jaxpr = jax.make_jaxpr(lambda v: model.apply(v, image))(variables)
+  jaxpr = jax.make_jaxpr(lambda v: model.apply(v, image, train=False))(variables)
   convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'conv_general_dilated']
   assert convs and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in convs)
-  logits = jax.jit(model.apply)(variables, image)
+  logits = jax.jit(functools.partial(model.apply, train=False))(variables, image)
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
 
 
@@ -268,7 +269,7 @@ def test_batchnorm_statistics_synchronise_over_axis_name():
   config = _config('mobilenet_v1', 0.25, 32, 1)
   images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
   model = models.get_model(config)
-  variables = jax.jit(model.init)(jax.random.key(1), images)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), images)
   def train_forward(m, x):
     return m.apply(variables, x, train=True, mutable=['batch_stats'],
                    rngs={'dropout': jax.random.key(2)})
@@ -309,5 +310,6 @@ def test_unknown_model_field_and_small_input():
   config.model.small_input = True
   model = models.get_model(config)  # total stride 8: 16 px gives a 2x2 final feature map
   image = jnp.ones((1, 16, 16, 3))
-  logits = jax.jit(model.apply)(jax.jit(model.init)(jax.random.key(0), image), image)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), image)
+  logits = jax.jit(functools.partial(model.apply, train=False))(variables, image)
   assert logits.shape == (1, NUM_CLASSES)

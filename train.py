@@ -1,0 +1,323 @@
+r"""Data-parallel training and evaluation.
+
+    python train.py --config=configs/mobilenet_v2.py:alpha=0.5 --workdir=runs/v2_0.5
+
+The same command runs on one CPU, one GPU, every GPU of a machine and every host of a TPU slice
+(add --distributed on multi-process launches). The train step is `jax.pmap`-ed over all local
+devices with `axis_name='batch'`: gradients and metrics are averaged with `lax.pmean` and BatchNorm
+statistics are computed over the global batch. Checkpoints are written to `workdir/checkpoints`
+and a run started again with the same workdir resumes from the latest one; data order and random
+keys are functions of the step, so a resumed run continues exactly where the first one stopped.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+from clu import metric_writers
+import flax
+from flax import jax_utils
+from flax.training import train_state
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+import complexity
+import input_pipeline
+import models
+import optimizers
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() first (multi-process launches).')
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
+                                          lock_config=True)
+
+# Settings a run in an existing workdir must share with the run that wrote its checkpoints.
+RESUME_KEYS = ('model', 'dataset', 'image_size', 'num_classes', 'half_precision', 'optimizer')
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+  ema_params: Any
+
+
+def cross_entropy(logits, labels, label_smoothing: float):
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def correct_top_k(logits, labels, k: int):
+  """1.0 where the label is among the k highest logits."""
+  top = lax.top_k(logits, k)[1]
+  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch, *, schedule, config, dropout_key):
+  """One SGD step on this device's part of the global batch; runs under pmap('batch')."""
+  key = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), lax.axis_index('batch'))
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        mutable=['batch_stats'], rngs={'dropout': key})
+    loss = cross_entropy(logits, batch['label'], config.label_smoothing).mean()
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = lax.pmean(grads, 'batch')
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if config.ema_decay > 0:
+    new_state = new_state.replace(ema_params=optax.incremental_update(
+        new_state.params, state.ema_params, 1.0 - config.ema_decay))
+  metrics = {
+      'loss': loss,
+      'top1': correct_top_k(logits, batch['label'], 1).mean(),
+      'lr': schedule(state.step),
+  }
+  return new_state, lax.pmean(metrics, 'batch')
+
+
+def eval_step(state: TrainState, batch):
+  """Sums of loss and top-1/top-5 hits over the real (mask = 1) examples of the global batch."""
+  def sums(params, prefix):
+    logits = state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+                            train=False)
+    mask = batch['mask']
+    return {
+        f'{prefix}loss': (cross_entropy(logits, batch['label'], 0.0) * mask).sum(),
+        f'{prefix}top1': (correct_top_k(logits, batch['label'], 1) * mask).sum(),
+        f'{prefix}top5': (correct_top_k(logits, batch['label'],
+                                        min(5, logits.shape[-1])) * mask).sum(),
+    }
+  result = {'count': batch['mask'].sum(), **sums(state.params, '')}
+  if state.ema_params is not None:
+    result.update(sums(state.ema_params, 'ema_'))
+  return lax.psum(result, 'batch')
+
+
+def evaluate(p_eval_step, state, data, config) -> dict[str, float]:
+  totals = None
+  for batch in input_pipeline.eval_batches(data, config):
+    sums = p_eval_step(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(jax_utils.unreplicate(totals))
+  count = totals.pop('count')
+  return {k: float(v / count) for k, v in totals.items()} | {'count': int(count)}
+
+
+def create_train_state(config, model, tx) -> TrainState:
+  image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(config.seed), image)
+  params = variables['params']
+  return TrainState.create(
+      apply_fn=model.apply, params=params, tx=tx, batch_stats=variables['batch_stats'],
+      ema_params=params if config.ema_decay > 0 else None)
+
+
+def check_config(config):
+  """Raises ValueError for the first bad setting, before anything is compiled."""
+  devices = jax.device_count()
+  for field in ('batch_size', 'eval_batch_size'):
+    if config[field] <= 0 or config[field] % devices:
+      raise ValueError(f'{field}={config[field]} must be a positive multiple of the '
+                       f'{devices} devices.')
+  optimizers.check_config(config)
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}.')
+  if not 0.0 <= config.label_smoothing < 1.0:
+    raise ValueError(f'label_smoothing must be in [0, 1), got {config.label_smoothing}.')
+  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+                'keep_checkpoints'):
+    if config[field] <= 0:
+      raise ValueError(f'{field} must be > 0, got {config[field]}.')
+  return models.get_model(config, axis_name='batch')
+
+
+def _write_json_atomic(path: str, value):
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _check_workdir_config(workdir: str, config) -> None:
+  """Stops a run whose model or data differ from those of the checkpoints already in workdir."""
+  path = os.path.join(workdir, 'config.json')
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    for key in RESUME_KEYS:
+      if saved.get(key) != current.get(key):
+        raise ValueError(
+            f'{workdir} holds a run with {key}={saved.get(key)!r}, this config has '
+            f'{key}={current.get(key)!r}: use a new --workdir, or the original config to resume.')
+  elif jax.process_index() == 0:
+    _write_json_atomic(path, current)
+
+
+class MetricsLog:
+  """`workdir/metrics.jsonl` (process 0 only): one JSON object per logged step and split."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.active = jax.process_index() == 0
+    if self.active and os.path.exists(self.path):
+      # Drop lines written after the checkpoint we resume from, so the history has no duplicates.
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+      with open(self.path + '.tmp', 'w') as f:
+        f.writelines(kept)
+      os.replace(self.path + '.tmp', self.path)
+
+  def write(self, step: int, split: str, values: dict):
+    if self.active:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps({'step': step, 'split': split, **values}) + '\n')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config`'s model, evaluating and checkpointing in `workdir`; returns results.json."""
+  start_time = time.time()
+  model = check_config(config)
+  data = input_pipeline.load(config)
+  steps_per_epoch = input_pipeline.steps_per_epoch(data, config.batch_size)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else int(config.num_epochs * steps_per_epoch))
+  os.makedirs(workdir, exist_ok=True)
+  _check_workdir_config(workdir, config)
+
+  schedule = optimizers.create_schedule(config, steps_per_epoch, total_steps)
+  state = create_train_state(config, model, optimizers.create_optimizer(config, schedule))
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, 'checkpoints')),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+  start_step = manager.latest_step() or 0
+  if start_step:
+    state = manager.restore(start_step, args=ocp.args.StandardRestore(state))
+    logging.info('Resumed from the checkpoint at step %d.', start_step)
+  metrics_log = MetricsLog(workdir, start_step)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in
+                          flax.traverse_util.flatten_dict(config.to_dict(), sep='.').items()})
+
+  p_train_step = jax.pmap(
+      functools.partial(train_step, schedule=schedule, config=config,
+                        dropout_key=jax.random.key(config.seed + 1)),
+      axis_name='batch', donate_argnums=(0,))
+  p_eval_step = jax.pmap(eval_step, axis_name='batch')
+  state = jax_utils.replicate(state)
+
+  pending = []  # (step, metrics on device) of the steps since the last log
+  history = {'eval': [], 'images_per_sec': []}
+  window_start, window_steps = time.time(), 0
+
+  def check_finite():
+    """The pending steps' metrics on the host; raises if a loss is not finite, so that no
+    checkpoint or evaluation follows a diverged step."""
+    host = jax.device_get([(s, jax_utils.unreplicate(m)) for s, m in pending])
+    for s, m in host:
+      if not np.isfinite(m['loss']):
+        raise FloatingPointError(
+            f'Loss is {m["loss"]} at step {s}; stopping. The last good checkpoint in '
+            f'{workdir}/checkpoints is untouched; lower learning_rate or set grad_clip_norm.')
+    return host
+
+  def log_train(step):
+    nonlocal window_start, window_steps
+    values = {k: float(v) for k, v in check_finite()[-1][1].items()}
+    pending.clear()
+    elapsed = time.time() - window_start
+    values['images_per_sec'] = window_steps * config.batch_size / max(elapsed, 1e-9)
+    history['images_per_sec'].append(values['images_per_sec'])
+    metrics_log.write(step, 'train', values)
+    writer.write_scalars(step, {f'train/{k}': v for k, v in values.items()})
+    eta = (total_steps - step) * elapsed / max(window_steps, 1)
+    logging.info('step %d/%d  loss %.4f  top1 %.3f  lr %.5f  %.2f steps/s  %.0f images/s  ETA %s',
+                 step, total_steps, values['loss'], values['top1'], values['lr'],
+                 window_steps / max(elapsed, 1e-9), values['images_per_sec'],
+                 time.strftime('%H:%M:%S', time.gmtime(eta)))
+    window_start, window_steps = time.time(), 0
+
+  for step in range(start_step + 1, total_steps + 1):
+    batch = input_pipeline.train_batch(data, config, step - 1)
+    state, metrics = p_train_step(state, batch)
+    pending.append((step, metrics))
+    window_steps += 1
+    last = step == total_steps
+    if step % config.log_every_steps == 0 or last:
+      log_train(step)
+    if step % config.eval_every_steps == 0 or last:
+      check_finite()
+      result = evaluate(p_eval_step, state, data, config)
+      history['eval'].append((step, result))
+      metrics_log.write(step, 'eval', result)
+      writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
+      logging.info('eval at step %d: %s', step, result)
+      window_start = time.time()
+    if step % config.checkpoint_every_steps == 0 or last:
+      check_finite()
+      manager.save(step, args=ocp.args.StandardSave(jax.device_get(jax_utils.unreplicate(state))))
+  manager.wait_until_finished()
+  writer.flush()
+
+  results = _results(config, history, total_steps, time.time() - start_time)
+  if jax.process_index() == 0:
+    _write_json_atomic(os.path.join(workdir, 'results.json'), results)
+  return results
+
+
+def _results(config, history, total_steps, wall_time) -> dict:
+  evals = [r for _, r in history['eval']]
+  best = max(evals, key=lambda r: r['top1']) if evals else {}
+  final = evals[-1] if evals else {}
+  summary = complexity.summary(config)
+  return {
+      'config': json.loads(config.to_json_best_effort()),
+      'macs': summary['macs'],
+      'params': summary['params'],
+      'steps': total_steps,
+      'final_top1': final.get('top1'),
+      'final_top5': final.get('top5'),
+      'final_ema_top1': final.get('ema_top1'),
+      'best_top1': best.get('top1'),
+      'best_top5': best.get('top5'),
+      'eval_count': final.get('count'),
+      'train_images_per_sec': (float(np.median(history['images_per_sec']))
+                               if history['images_per_sec'] else None),
+      'wall_time_sec': wall_time,
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Orbax reports every step of every save at INFO; keep the console to this program's progress.
+  logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  logging.info('JAX process %d of %d, %d local devices of %d: %s', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].device_kind)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FloatingPointError) as e:
+    raise SystemExit(f'error: {e}') from None
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
