@@ -37,12 +37,6 @@ import input_pipeline
 import models
 import optimizers
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-_DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize() first (multi-process launches).')
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
-                                          lock_config=True)
-
 # Settings a run in an existing workdir must share with the run that wrote its checkpoints.
 RESUME_KEYS = ('model', 'dataset', 'image_size', 'num_classes', 'half_precision', 'optimizer')
 
@@ -307,17 +301,21 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Orbax reports every step of every save at INFO; keep the console to this program's progress.
   logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
-  if _DISTRIBUTED.value:
+  if flags.FLAGS.distributed:
     jax.distributed.initialize()
   logging.info('JAX process %d of %d, %d local devices of %d: %s', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except (ValueError, FloatingPointError) as e:
     raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+  flags.DEFINE_bool('distributed', False,
+                    'Call jax.distributed.initialize() first (multi-process launches).')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Data. `synthetic` is a generated stand-in of `synthetic_*_examples` images.
   config.data_dir = ''
   config.train_split = 'train'
-  config.eval_split = 'test'
+  config.eval_split = 'validation'
   config.synthetic_train_examples = 512
   config.synthetic_eval_examples = 100
   config.normalization_mean = (127.5, 127.5, 127.5)  # [-1, 1], as TF's MobileNets expect

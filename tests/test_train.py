@@ -20,7 +20,7 @@ import input_pipeline
 import models
 import optimizers
 import train
-from configs import mobilenet_v1, mobilenet_v2
+from configs import mobilenet_v1, mobilenet_v2, shufflenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -28,7 +28,8 @@ TINY = {
     'synthetic_eval_examples': 20, 'batch_size': 16, 'eval_batch_size': 16,
     'model.dropout_rate': 0.0, 'model.bn_momentum': 0.9, 'num_train_steps': 12,
     'log_every_steps': 2, 'eval_every_steps': 6, 'checkpoint_every_steps': 3,
-    'learning_rate': 0.05, 'ema_decay': 0.5, 'label_smoothing': 0.1,
+    'learning_rate': 0.05, 'lr_reference_batch_size': 0, 'schedule': 'cosine',
+    'ema_decay': 0.5, 'label_smoothing': 0.1,
 }
 
 
@@ -262,3 +263,33 @@ def test_eval_batches_cover_every_example_once():
     mask = batch['mask'].reshape(-1).astype(bool)
     seen += list(batch['label'].reshape(-1)[mask])
   assert sorted(seen) == sorted(data.eval_labels.tolist()) and len(seen) == 20
+
+
+def test_half_precision_step_keeps_float32_state():
+  config = tiny_config(half_precision=True)
+  model = train.check_config(config)
+  assert model.dtype == jnp.bfloat16
+  schedule = optimizers.create_schedule(config, 4, 12)
+  state = train.create_train_state(config, model, optimizers.create_optimizer(config, schedule))
+  data = input_pipeline.load(config)
+  step = jax.pmap(functools.partial(train.train_step, schedule=schedule, config=config,
+                                    dropout_key=jax.random.key(0)), axis_name='batch')
+  new_state, metrics = step(flax.jax_utils.replicate(state),
+                            input_pipeline.train_batch(data, config, 0))
+  for tree in (new_state.params, new_state.batch_stats, new_state.opt_state, new_state.ema_params):
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tree)
+               if jnp.issubdtype(x.dtype, jnp.floating))
+  assert np.isfinite(float(metrics['loss'][0]))
+
+
+def test_configs_carry_the_paper_recipes():
+  v1, v2, shuffle = mobilenet_v1.get_config(), mobilenet_v2.get_config(), shufflenet.get_config()
+  assert (v1.optimizer, v1.learning_rate, v1.lr_decay_rate, v1.lr_decay_epochs) == (
+      'rmsprop', 0.045, 0.94, 2.5)
+  assert (v2.optimizer, v2.learning_rate, v2.lr_decay_rate, v2.label_smoothing, v2.ema_decay) == (
+      'rmsprop', 0.045, 0.98, 0.1, 0.9999)
+  assert (v1.weight_decay, v2.weight_decay, shuffle.weight_decay) == (4e-5, 4e-5, 4e-5)
+  assert (shuffle.optimizer, shuffle.learning_rate, shuffle.schedule, shuffle.batch_size,
+          shuffle.num_train_steps) == ('sgd', 0.5, 'linear', 1024, 300_000)
+  for config in (v1, v2, shuffle):
+    optimizers.check_config(config)

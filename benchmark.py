@@ -1,0 +1,101 @@
+r"""Throughput of the compiled train and eval steps on synthetic data already on the devices.
+
+    python benchmark.py --config=configs/mobilenet_v2.py --config.batch_size=256 --steps=50 --json
+
+Times every step after `--warmup` steps, waiting for the devices, and reports the median as
+images/s for the global batch (`batch_size` for training, `eval_batch_size` for evaluation).
+"""
+
+import functools
+import json
+import statistics
+import time
+
+from absl import app
+from absl import flags
+from flax import jax_utils
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+import optimizers
+import train
+
+
+def _median_seconds(step_fn, state, batch, steps: int, warmup: int) -> tuple[float, object]:
+  """Median wall time of `state, outputs = step_fn(state, batch)`, waiting for both."""
+  for _ in range(warmup):
+    state = jax.block_until_ready(step_fn(state, batch))[0]
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state = jax.block_until_ready(step_fn(state, batch))[0]
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), state
+
+
+def synthetic_batch(batch_size: int, config, with_mask: bool):
+  devices = jax.local_device_count()
+  per_device = batch_size // jax.process_count() // devices
+  key = jax.random.key(0)
+  batch = {
+      'image': jax.random.normal(key, (devices, per_device, config.image_size, config.image_size, 3)),
+      'label': jax.random.randint(key, (devices, per_device), 0, config.num_classes),
+  }
+  if with_mask:
+    batch['mask'] = jnp.ones((devices, per_device))
+  return jax.pmap(lambda x: x)(batch)  # one shard on each local device
+
+
+def run(config, steps: int, warmup: int) -> dict:
+  model = train.check_config(config)
+  schedule = optimizers.create_schedule(config, 1000, 100_000)
+  state = jax_utils.replicate(
+      train.create_train_state(config, model, optimizers.create_optimizer(config, schedule)))
+  p_train = jax.pmap(functools.partial(train.train_step, schedule=schedule, config=config,
+                                       dropout_key=jax.random.key(1)),
+                     axis_name='batch', donate_argnums=(0,))
+  p_eval = jax.pmap(train.eval_step, axis_name='batch')
+
+  train_batch = synthetic_batch(config.batch_size, config, with_mask=False)
+  train_seconds, state = _median_seconds(p_train, state, train_batch, steps, warmup)
+  eval_batch = synthetic_batch(config.eval_batch_size, config, with_mask=True)
+  eval_seconds, _ = _median_seconds(lambda s, b: (s, p_eval(s, b)), state, eval_batch,
+                                    steps, warmup)
+  return {
+      'model': config.model.name,
+      'alpha': config.model.alpha,
+      'groups': config.model.get('groups'),
+      'image_size': config.image_size,
+      'half_precision': config.half_precision,
+      'batch_size': config.batch_size,
+      'eval_batch_size': config.eval_batch_size,
+      'device_kind': jax.devices()[0].device_kind,
+      'device_count': jax.device_count(),
+      'train_step_ms': 1000 * train_seconds,
+      'eval_step_ms': 1000 * eval_seconds,
+      'train_images_per_sec': config.batch_size / train_seconds,
+      'eval_images_per_sec': config.eval_batch_size / eval_seconds,
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  result = run(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.warmup)
+  if flags.FLAGS.json:
+    print(json.dumps(result))
+  else:
+    print(f'{result["device_count"]} x {result["device_kind"]}: '
+          f'train {result["train_images_per_sec"]:.0f} images/s '
+          f'({result["train_step_ms"]:.1f} ms/step), '
+          f'eval {result["eval_images_per_sec"]:.0f} images/s ({result["eval_step_ms"]:.1f} ms/step)')
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Model config file.', lock_config=True)
+  flags.DEFINE_integer('steps', 50, 'Timed steps.')
+  flags.DEFINE_integer('warmup', 5, 'Untimed steps after compilation.')
+  flags.DEFINE_bool('json', False, 'Print one JSON object.')
+  flags.mark_flag_as_required('config')
+  app.run(main)
