@@ -29,6 +29,26 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   return values
 
 
+def set_rmsprop_recipe(config: ml_collections.ConfigDict, lr_decay_rate: float,
+                       lr_decay_epochs: float) -> None:
+  """The MobileNet papers' recipe: TF RMSProp (decay 0.9, momentum 0.9, epsilon 1.0), lr 0.045
+  at a global batch of 96 x 16 GPUs decayed exponentially by epoch (staircase), L2 weight decay
+  4e-5 with none on depthwise kernels (the default `weight_decay_exclude`), 300 epochs."""
+  config.batch_size = 1536
+  config.eval_batch_size = 1000
+  config.num_epochs = 300.0
+  config.optimizer = 'rmsprop'
+  config.momentum = 0.9
+  config.learning_rate = 0.045
+  config.lr_reference_batch_size = 1536
+  config.schedule = 'exponential'
+  config.lr_decay_rate = lr_decay_rate
+  config.lr_decay_epochs = lr_decay_epochs
+  config.lr_staircase = True
+  config.weight_decay = 4e-5
+  config.weight_decay_type = 'l2'
+
+
 def get_config() -> ml_collections.ConfigDict:
   """Fields every model config has; model configs override what differs."""
   config = ml_collections.ConfigDict()

@@ -18,18 +18,6 @@ def get_config(arg=None):
   config.image_size = args.res
 
   # Section 3.2: RMSProp, little weight decay and none on the depthwise kernels; the TF release
-  # decayed lr 0.045 by 0.94 every 2.5 epochs. Global batch 96 x 16 as for MobileNet V2.
-  config.batch_size = 1536
-  config.eval_batch_size = 1000
-  config.num_epochs = 300.0
-  config.optimizer = 'rmsprop'
-  config.learning_rate = 0.045
-  config.lr_reference_batch_size = 1536
-  config.schedule = 'exponential'
-  config.lr_decay_rate = 0.94
-  config.lr_decay_epochs = 2.5
-  config.lr_staircase = True
-  config.weight_decay = 4e-5
-  config.weight_decay_type = 'l2'
-  config.label_smoothing = 0.0
+  # decayed lr 0.045 by 0.94 every 2.5 epochs; no label smoothing.
+  default.set_rmsprop_recipe(config, lr_decay_rate=0.94, lr_decay_epochs=2.5)
   return config

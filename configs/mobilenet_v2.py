@@ -20,18 +20,7 @@ def get_config(arg=None):
   # Section 6.1: RMSProp (decay 0.9, momentum 0.9), weight decay 4e-5, lr 0.045 decayed by 0.98
   # per epoch, batch 96 on each of 16 GPUs; the TF release adds label smoothing 0.1 and an EMA of
   # the weights (0.9999). 300 epochs as in torchvision's reproduction (71.88% top-1).
-  config.batch_size = 1536
-  config.eval_batch_size = 1000
-  config.num_epochs = 300.0
-  config.optimizer = 'rmsprop'
-  config.learning_rate = 0.045
-  config.lr_reference_batch_size = 1536
-  config.schedule = 'exponential'
-  config.lr_decay_rate = 0.98
-  config.lr_decay_epochs = 1.0
-  config.lr_staircase = True
-  config.weight_decay = 4e-5
-  config.weight_decay_type = 'l2'
+  default.set_rmsprop_recipe(config, lr_decay_rate=0.98, lr_decay_epochs=1.0)
   config.label_smoothing = 0.1
   config.ema_decay = 0.9999
   return config
