@@ -1,136 +1,347 @@
-"""Input data for training and evaluation.
+r"""Input pipelines: TFDS + tf.data, deterministic by step, sharded over processes and devices.
 
-Data sets that fit in host memory (Fashion-MNIST, CIFAR-10, `synthetic`) are loaded once with TFDS,
-resized to `config.image_size` and normalised; batches are then cut by index, so the batch of any
-step is a pure function of (seed, step): the training loop can resume at any step exactly.
+Sources (`config.dataset`):
+- any prepared TFDS image-classification data set, by name and optional version
+  ('imagenet2012', 'cifar10:3.0.2'), read from `config.data_dir`;
+- 'fashion_mnist' is prepared from the original IDX files when Debian's `dataset-fashion-mnist`
+  package has put them in /usr/share/datasets/fashion-mnist (no download);
+- 'folder:/path' for a folder with one sub-folder of images per class; a fixed fraction
+  (`folder_eval_fraction`) of each class, chosen by file name, is held out for evaluation;
+- 'synthetic', a generated stand-in for tests and benchmarks.
 
-- Train: the examples of epoch e are visited in the order `permutation(seed, e)`; each process takes
-  its slice of every global batch; images get a random horizontal flip and, when
-  `config.crop_padding > 0`, a random crop from the zero-padded image (the small-image recipe).
-- Eval: the whole split in order, padded to a multiple of the global batch, with a `mask` that is 1
-  for real examples and 0 for padding, so every example counts exactly once.
+Every process reads only its own part of each split (`tfds.split_for_jax_process`). The training
+stream of epoch e visits that part in an order seeded by (seed, e), and every random augmentation
+is seeded by (seed, e, example), so the batch of any step can be rebuilt: `train_batches(data,
+config, start_step)` resumes a run exactly. Evaluation reads the whole split once, padded to full
+batches with a `mask` that is 0 on padding, the same number of batches on every process.
+
+    python input_pipeline.py --config=configs/quickstart.py --bench   # host images/s
 """
 
 import dataclasses
-from typing import Iterator
+import functools
+import gzip
+import hashlib
+import math
+import os
+import time
+from typing import Iterator, Optional
 
+from absl import app
+from absl import flags
 import jax
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-SYNTHETIC = 'synthetic'
-
-
-@dataclasses.dataclass(frozen=True)
-class InMemoryData:
-  train_images: np.ndarray  # float32 NHWC, normalised
-  train_labels: np.ndarray  # int32
-  eval_images: np.ndarray
-  eval_labels: np.ndarray
-  num_classes: int
-
-  @property
-  def num_train(self) -> int:
-    return len(self.train_labels)
-
-  @property
-  def num_eval(self) -> int:
-    return len(self.eval_labels)
+FASHION_MNIST_FILES = '/usr/share/datasets/fashion-mnist'
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+AUGMENTATIONS = ('inception_crop', 'pad_crop')
 
 
-def _synthetic(config) -> tuple[np.ndarray, ...]:
-  """A learnable stand-in data set: each class is a fixed random image plus noise."""
+def read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (the MNIST format), gzip-compressed or not."""
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    data = f.read()
+  if data[:2] != b'\x00\x00' or data[2] != 0x08:
+    raise ValueError(f'{path} is not an IDX file of unsigned bytes.')
+  ndim = data[3]
+  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
+  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+class FashionMnistFromFiles(tfds.image_classification.FashionMNIST, skip_registration=True):
+  """TFDS's `fashion_mnist` (same name, version and features), built from local IDX files."""
+  name = 'fashion_mnist'
+
+  def __init__(self, *, files_dir: str, **kwargs):
+    self._files_dir = files_dir
+    super().__init__(**kwargs)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    return {split: self._generate_examples(prefix) for split, prefix in
+            (('train', 'train'), ('test', 't10k'))}
+
+  def _generate_examples(self, prefix):  # pytype: disable=signature-mismatch
+    images = read_idx(os.path.join(self._files_dir, f'{prefix}-images-idx3-ubyte.gz'))
+    labels = read_idx(os.path.join(self._files_dir, f'{prefix}-labels-idx1-ubyte.gz'))
+    for index, (image, label) in enumerate(zip(images, labels)):
+      yield index, {'image': image[..., None], 'label': int(label)}
+
+
+def prepare_fashion_mnist(files_dir: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+  builder = FashionMnistFromFiles(files_dir=files_dir, data_dir=data_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return tfds.builder('fashion_mnist', data_dir=data_dir)
+
+
+@dataclasses.dataclass
+class Data:
+  """A source of examples {'image': uint8 HxWxC or encoded bytes, 'label': int} for each split."""
+  name: str
+  num_train: int  # whole split, all processes
+  num_eval: int
+  _read: callable  # (split: 'train' | 'eval') -> this process's tf.data.Dataset
+  _local_count: callable  # (split) -> this process's number of examples
+
+  def examples(self, split: str) -> tf.data.Dataset:
+    return self._read(split)
+
+  def local_count(self, split: str) -> int:
+    return self._local_count(split)
+
+
+def _process_slice(n: int) -> slice:
+  bounds = np.linspace(0, n, jax.process_count() + 1).astype(int)
+  return slice(bounds[jax.process_index()], bounds[jax.process_index() + 1])
+
+
+def _in_memory(name, train: dict, evaluation: dict) -> Data:
+  splits = {'train': train, 'eval': evaluation}
+  def part(split):
+    return {k: v[_process_slice(len(v))] for k, v in splits[split].items()}
+  return Data(name, len(train['label']), len(evaluation['label']),
+              lambda s: tf.data.Dataset.from_tensor_slices(part(s)),
+              lambda s: len(part(s)['label']))
+
+
+def _synthetic(config) -> Data:
+  """Each class is a fixed random image; examples add noise to it."""
   rng = np.random.default_rng(config.seed)
   size = config.image_size
   prototypes = rng.uniform(0, 255, (config.num_classes, size, size, 3))
   def split(n):
     labels = rng.integers(0, config.num_classes, n)
     images = prototypes[labels] + rng.normal(0, 40, (n, size, size, 3))
-    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int32)
-  return (*split(config.synthetic_train_examples), *split(config.synthetic_eval_examples))
+    return {'image': np.clip(images, 0, 255).astype(np.uint8), 'label': labels.astype(np.int64)}
+  return _in_memory('synthetic', split(config.synthetic_train_examples),
+                    split(config.synthetic_eval_examples))
 
 
-def _tfds(config) -> tuple[np.ndarray, ...]:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+def _folder(config, root: str) -> Data:
+  if not os.path.isdir(root):
+    raise ValueError(f'Image folder {root!r} (from dataset={config.dataset!r}) does not exist.')
+  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  if not classes:
+    raise ValueError(f'Image folder {root!r} has no class sub-folders: put the images of each '
+                     'class in a sub-folder named after it.')
+  splits = {'train': ([], []), 'eval': ([], [])}
+  for label, name in enumerate(classes):
+    for file in sorted(os.listdir(os.path.join(root, name))):
+      if file.lower().endswith(IMAGE_EXTENSIONS):
+        digest = int(hashlib.sha256(f'{name}/{file}'.encode()).hexdigest()[:8], 16)
+        split = 'eval' if digest / 16**8 < config.folder_eval_fraction else 'train'
+        splits[split][0].append(os.path.join(root, name, file))
+        splits[split][1].append(label)
+  if config.num_classes != len(classes):
+    raise ValueError(f'num_classes={config.num_classes}, but {root!r} has {len(classes)} class '
+                     f'folders: set --config.num_classes={len(classes)}.')
+  def read(split):
+    paths, labels = splits[split]
+    part = _process_slice(len(paths))
+    files = tf.data.Dataset.from_tensor_slices((paths[part], labels[part]))
+    return files.map(lambda p, l: {'image': tf.io.read_file(p), 'label': l})
+  return Data(root, len(splits['train'][1]), len(splits['eval'][1]), read,
+              lambda s: len(splits[s][1][_process_slice(len(splits[s][1]))]))
+
+
+def _missing(config, builder) -> ValueError:
+  how = ('download the ILSVRC2012 train and validation tars into '
+         f'{builder.data_dir}/../downloads/manual and run `tfds build imagenet2012 '
+         f'--data_dir={config.data_dir or "~/tensorflow_datasets"}`'
+         if builder.name == 'imagenet2012' else
+         f'run `tfds build {config.dataset} --data_dir=...` on a machine with internet access (or '
+         'set config.download=True there) and point config.data_dir at that directory')
+  hint = (' Offline, `apt-get install dataset-fashion-mnist` provides the original files.'
+          if builder.name == 'fashion_mnist' else '')
+  return ValueError(f'Dataset {config.dataset!r} is not prepared in {builder.data_dir}: '
+                    f'{how}.{hint}')
+
+
+def _tfds(config) -> Data:
+  data_dir = config.data_dir or None
   try:
-    builder = tfds.builder(config.dataset, data_dir=config.get('data_dir') or None)
-  except Exception as e:  # tfds raises several types for unknown names
+    builder = tfds.builder(config.dataset, data_dir=data_dir)
+  except Exception as e:  # tfds raises several error types for unknown names
     raise ValueError(f'Unknown dataset {config.dataset!r}: {e}') from e
   if not builder.is_prepared():
-    raise ValueError(
-        f'Dataset {config.dataset!r} is not prepared in {builder.data_dir}. Prepare it with '
-        f'`tfds build {config.dataset} --data_dir=...` (or run once with internet access) and set '
-        f'config.data_dir to that directory.')
-  def split(name):
-    data = tfds.as_numpy(builder.as_dataset(split=name, batch_size=-1))
-    return data['image'], data['label'].astype(np.int32)
-  return (*split(config.train_split), *split(config.eval_split))
+    files = config.get('fashion_mnist_files') or FASHION_MNIST_FILES
+    if builder.name == 'fashion_mnist' and os.path.exists(
+        os.path.join(files, 'train-images-idx3-ubyte.gz')):
+      builder = prepare_fashion_mnist(files, data_dir)
+    elif config.download:
+      builder.download_and_prepare()
+    else:
+      raise _missing(config, builder)
+  splits = {'train': config.train_split, 'eval': config.eval_split}
+  for split in splits.values():
+    if split not in builder.info.splits:
+      raise ValueError(f'Dataset {config.dataset!r} has no split {split!r}; it has '
+                       f'{", ".join(builder.info.splits)}.')
+  def local(split):
+    return tfds.split_for_jax_process(splits[split], drop_remainder=False)
+  def read(split):
+    if config.cache:  # small data sets: decode once into host memory
+      arrays = tfds.as_numpy(builder.as_dataset(split=local(split), batch_size=-1))
+      return tf.data.Dataset.from_tensor_slices({'image': arrays['image'],
+                                                 'label': arrays['label']})
+    ds = builder.as_dataset(split=local(split), shuffle_files=False,
+                            read_config=tfds.ReadConfig(skip_prefetch=True))
+    return ds.map(lambda e: {'image': e['image'], 'label': e['label']})
+  return Data(config.dataset, builder.info.splits[splits['train']].num_examples,
+              builder.info.splits[splits['eval']].num_examples, read,
+              lambda s: builder.info.splits[local(s)].num_examples)
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-  if images.shape[-1] == 1:
-    images = np.repeat(images, 3, axis=-1)
-  if images.shape[1:3] == (size, size):
-    return images.astype(np.float32)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.image.resize(images, (size, size), antialias=True).numpy()
+def load(config) -> Data:
+  """The data set named by `config.dataset`; ValueError if it is unknown or not available."""
+  if config.dataset == 'synthetic':
+    return _synthetic(config)
+  if config.dataset.startswith('folder:'):
+    return _folder(config, config.dataset[len('folder:'):])
+  return _tfds(config)
 
 
-def load(config) -> InMemoryData:
-  """Loads `config.dataset` into memory, resized and normalised."""
-  if config.dataset == SYNTHETIC:
-    arrays = _synthetic(config)
-  else:
-    arrays = _tfds(config)
-  train_images, train_labels, eval_images, eval_labels = arrays
-  mean = np.asarray(config.normalization_mean, np.float32)
-  std = np.asarray(config.normalization_std, np.float32)
-  def prepare(images):
-    return (_resize(images, config.image_size) - mean) / std
-  return InMemoryData(prepare(train_images), train_labels, prepare(eval_images), eval_labels,
-                      config.num_classes)
-
-
-def steps_per_epoch(data: InMemoryData, global_batch_size: int) -> int:
+def steps_per_epoch(data: Data, global_batch_size: int) -> int:
   return max(data.num_train // global_batch_size, 1)
 
 
-def train_batch(data: InMemoryData, config, step: int) -> dict[str, np.ndarray]:
-  """This process's part of the global training batch of `step`, shaped for the local devices."""
-  batch = config.batch_size
-  per_epoch = steps_per_epoch(data, batch)
-  epoch, index = divmod(step, per_epoch)
-  order = np.random.default_rng([config.seed, epoch]).permutation(data.num_train)
-  local = batch // jax.process_count()
-  start = index * batch + jax.process_index() * local
-  indices = order[start:start + local]
-  images = data.train_images[indices]
-  rng = np.random.default_rng([config.seed, epoch, index, jax.process_index()])
-  flip = rng.random(local) < 0.5
-  images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-  if config.crop_padding > 0:
+# Preprocessing -------------------------------------------------------------------------------
+
+
+def _decode(image) -> tf.Tensor:
+  """uint8 HxWx3 from an encoded image or a uint8 HxWxC tensor (grayscale becomes RGB)."""
+  if image.dtype == tf.string:
+    image = tf.io.decode_image(image, channels=3, expand_animations=False)
+  if image.shape[-1] == 1:
+    image = tf.image.grayscale_to_rgb(image)
+  return image
+
+
+def _normalize(image, config) -> tf.Tensor:
+  mean = tf.constant(config.normalization_mean, tf.float32)
+  std = tf.constant(config.normalization_std, tf.float32)
+  return (tf.cast(image, tf.float32) - mean) / std
+
+
+def _resize(image, size) -> tf.Tensor:
+  return tf.image.resize(image, size, method=tf.image.ResizeMethod.BICUBIC, antialias=True)
+
+
+def preprocess_train(example, seed, config):
+  """Random resized crop (Inception) or pad-and-crop, then a horizontal flip; seeded."""
+  image = _decode(example['image'])
+  size = config.image_size
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  if config.augment == 'inception_crop':
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros([1, 0, 4]), seed=crop_seed, min_object_covered=0.1,
+        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(config.crop_area_min, 1.0),
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    image = _resize(tf.slice(image, begin, crop), (size, size))
+  else:  # 'pad_crop', for small images
+    image = tf.cast(image, tf.float32)
+    if image.shape[0] != size or image.shape[1] != size:
+      image = _resize(image, (size, size))
     pad = config.crop_padding
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    offsets = rng.integers(0, 2 * pad + 1, (local, 2))
-    size = images.shape[1]
-    images = np.stack([p[y:y + size, x:x + size] for p, (y, x) in zip(padded, offsets)])
-  return shard({'image': images, 'label': data.train_labels[indices]})
+    image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+    image = tf.image.stateless_random_crop(image, (size, size, 3), seed=crop_seed)
+  image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  return {'image': _normalize(image, config), 'label': example['label']}
 
 
-def eval_batches(data: InMemoryData, config) -> Iterator[dict[str, np.ndarray]]:
-  """The whole eval split, this process's part of each padded global batch, with `mask`."""
-  batch = config.eval_batch_size
-  local = batch // jax.process_count()
-  num_batches = -(-data.num_eval // batch)
-  for b in range(num_batches):
-    start = b * batch + jax.process_index() * local
-    indices = np.arange(start, start + local)
-    mask = indices < data.num_eval
-    indices = np.where(mask, indices, 0)
-    yield shard({'image': data.eval_images[indices], 'label': data.eval_labels[indices],
-                 'mask': mask.astype(np.float32)})
+def preprocess_eval(example, config):
+  """Resize to image_size / crop_fraction and center-crop (small images: resize only)."""
+  image = _decode(example['image'])
+  size = config.image_size
+  if config.augment == 'inception_crop':
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = size / config.eval_crop_fraction / tf.reduce_min(shape)
+    resized = tf.cast(tf.round(shape * scale), tf.int32)
+    image = _resize(image, resized)
+    offset = (resized - size) // 2
+    image = tf.slice(image, [offset[0], offset[1], 0], [size, size, 3])
+  elif image.shape[0] != size or image.shape[1] != size:
+    image = _resize(image, (size, size))
+  return {'image': _normalize(image, config), 'label': example['label'], 'mask': 1.0}
 
 
-def shard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def shard(batch: dict) -> dict:
   """Reshapes (local_batch, ...) arrays to (local_devices, local_batch / local_devices, ...)."""
   devices = jax.local_device_count()
-  return {k: v.reshape(devices, v.shape[0] // devices, *v.shape[1:]) for k, v in batch.items()}
+  return jax.tree.map(lambda x: x.reshape(devices, x.shape[0] // devices, *x.shape[1:]), batch)
+
+
+def _options(config) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = config.data_threads or 0
+  return options
+
+
+def train_batches(data: Data, config, start_step: int = 0) -> Iterator[dict]:
+  """This process's part of the global training batch of every step from `start_step` on."""
+  local_batch = config.batch_size // jax.process_count()
+  per_epoch = steps_per_epoch(data, config.batch_size)
+  epoch, offset = divmod(start_step, per_epoch)
+  examples = data.examples('train').enumerate()
+  buffer = min(config.shuffle_buffer, data.local_count('train'))
+  while True:
+    seed = tf.constant([config.seed, epoch], tf.int64)
+    ds = examples.shuffle(buffer, seed=config.seed * 100_003 + epoch,
+                          reshuffle_each_iteration=False)
+    ds = ds.take(per_epoch * local_batch).skip(offset * local_batch)
+    ds = ds.map(lambda i, e, seed=seed: preprocess_train(
+        e, tf.random.experimental.stateless_fold_in(seed, i), config),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(config.prefetch_batches)
+    for batch in ds.with_options(_options(config)).as_numpy_iterator():
+      yield shard(batch)
+    epoch, offset = epoch + 1, 0
+
+
+def eval_batches(data: Data, config) -> Iterator[dict]:
+  """The whole eval split once; `mask` is 0 on the padding of the last batches."""
+  local_batch = config.eval_batch_size // jax.process_count()
+  # The same number of batches on every process, enough for the largest part.
+  num_batches = math.ceil(math.ceil(data.num_eval / jax.process_count()) / local_batch)
+  ds = data.examples('eval').map(functools.partial(preprocess_eval, config=config),
+                                 num_parallel_calls=tf.data.AUTOTUNE)
+  padding = num_batches * local_batch - data.local_count('eval')
+  blank = jax.tree.map(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
+  ds = ds.batch(local_batch).prefetch(config.prefetch_batches)
+  for batch in ds.with_options(_options(config)).as_numpy_iterator():
+    yield shard(batch)
+
+
+def benchmark(config, steps: int) -> float:
+  """Host images/s of the training pipeline over `steps` batches after a warm-up batch."""
+  batches = train_batches(load(config), config)
+  next(batches)
+  start = time.perf_counter()
+  for _ in range(steps):
+    next(batches)
+  return steps * config.batch_size / (time.perf_counter() - start)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS.bench:
+    raise app.UsageError('Nothing to do: pass --bench.')
+  rate = benchmark(flags.FLAGS.config, flags.FLAGS.steps)
+  print(f'{flags.FLAGS.config.dataset}: {rate:.0f} training images/s on this host '
+        f'({flags.FLAGS.config.image_size} px, batch {flags.FLAGS.config.batch_size})')
+
+
+if __name__ == '__main__':
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+  flags.DEFINE_bool('bench', False, 'Measure the training pipeline in images/s.')
+  flags.DEFINE_integer('steps', 50, 'Batches to time with --bench.')
+  flags.mark_flag_as_required('config')
+  app.run(main)

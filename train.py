@@ -128,6 +128,9 @@ def check_config(config):
       raise ValueError(f'{field}={config[field]} must be a positive multiple of the '
                        f'{devices} devices.')
   optimizers.check_config(config)
+  if config.augment not in input_pipeline.AUGMENTATIONS:
+    raise ValueError(f'Unknown augment {config.augment!r}; valid: '
+                     f'{", ".join(input_pipeline.AUGMENTATIONS)}.')
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}.')
   if not 0.0 <= config.label_smoothing < 1.0:
@@ -246,9 +249,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  time.strftime('%H:%M:%S', time.gmtime(eta)))
     window_start, window_steps = time.time(), 0
 
+  batches = jax_utils.prefetch_to_device(
+      input_pipeline.train_batches(data, config, start_step), config.prefetch_batches)
   for step in range(start_step + 1, total_steps + 1):
-    batch = input_pipeline.train_batch(data, config, step - 1)
-    state, metrics = p_train_step(state, batch)
+    state, metrics = p_train_step(state, next(batches))
     pending.append((step, metrics))
     window_steps += 1
     last = step == total_steps

@@ -70,15 +70,27 @@ def get_config() -> ml_collections.ConfigDict:
   # bfloat16 compute with float32 parameters, BatchNorm statistics and optimizer state.
   config.half_precision = False
 
-  # Data. `synthetic` is a generated stand-in of `synthetic_*_examples` images.
-  config.data_dir = ''
+  # Data (see input_pipeline.py): a TFDS name[:version], 'folder:/path' or 'synthetic'.
+  config.data_dir = ''  # TFDS data directory (local or a bucket); '' for TFDS's default
+  config.download = False  # let TFDS download and prepare a missing data set
   config.train_split = 'train'
   config.eval_split = 'validation'
+  config.cache = False  # decode the splits once into host memory (small data sets)
+  config.folder_eval_fraction = 0.1  # 'folder:' data sets: share of each class held out
   config.synthetic_train_examples = 512
   config.synthetic_eval_examples = 100
+  # 'inception_crop': random resized crop with area in [crop_area_min, 1], eval resize to
+  # image_size / eval_crop_fraction and center crop. 'pad_crop' (32 px and below): resize to
+  # image_size, pad by crop_padding and crop randomly; eval resize only. Both flip horizontally.
+  config.augment = 'inception_crop'
+  config.crop_area_min = 0.08
+  config.eval_crop_fraction = 0.875
+  config.crop_padding = 4
   config.normalization_mean = (127.5, 127.5, 127.5)  # [-1, 1], as TF's MobileNets expect
   config.normalization_std = (127.5, 127.5, 127.5)
-  config.crop_padding = 0  # > 0: pad-and-random-crop augmentation for small images
+  config.shuffle_buffer = 16_384
+  config.prefetch_batches = 2
+  config.data_threads = 0  # tf.data threads; 0 lets tf.data decide
 
   # Optimisation (see optimizers.py for the valid names).
   config.batch_size = 256  # global, split evenly over all devices

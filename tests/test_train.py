@@ -29,7 +29,7 @@ TINY = {
     'model.dropout_rate': 0.0, 'model.bn_momentum': 0.9, 'num_train_steps': 12,
     'log_every_steps': 2, 'eval_every_steps': 6, 'checkpoint_every_steps': 3,
     'learning_rate': 0.05, 'lr_reference_batch_size': 0, 'schedule': 'cosine',
-    'ema_decay': 0.5, 'label_smoothing': 0.1,
+    'ema_decay': 0.5, 'label_smoothing': 0.1, 'augment': 'pad_crop',
 }
 
 
@@ -59,8 +59,8 @@ def test_one_step_on_8_devices_equals_1_device():
   model = train.check_config(config)
   schedule = optimizers.create_schedule(config, 4, 12)
   state = train.create_train_state(config, model, optimizers.create_optimizer(config, schedule))
-  data = input_pipeline.load(config)
-  batch = {'image': data.train_images[:16], 'label': data.train_labels[:16]}
+  batch = next(input_pipeline.train_batches(input_pipeline.load(config), config))
+  batch = jax.tree.map(lambda x: x.reshape(16, *x.shape[2:]), batch)
   results = []
   for n in (8, 1):
     step = jax.pmap(functools.partial(train.train_step, schedule=schedule, config=config,
@@ -262,7 +262,8 @@ def test_eval_batches_cover_every_example_once():
     assert batch['image'].shape == (8, 2, 32, 32, 3)
     mask = batch['mask'].reshape(-1).astype(bool)
     seen += list(batch['label'].reshape(-1)[mask])
-  assert sorted(seen) == sorted(data.eval_labels.tolist()) and len(seen) == 20
+  labels = [int(e['label']) for e in data.examples('eval').as_numpy_iterator()]
+  assert sorted(seen) == sorted(labels) and len(seen) == 20
 
 
 def test_half_precision_step_keeps_float32_state():
@@ -271,11 +272,10 @@ def test_half_precision_step_keeps_float32_state():
   assert model.dtype == jnp.bfloat16
   schedule = optimizers.create_schedule(config, 4, 12)
   state = train.create_train_state(config, model, optimizers.create_optimizer(config, schedule))
-  data = input_pipeline.load(config)
+  batch = next(input_pipeline.train_batches(input_pipeline.load(config), config))
   step = jax.pmap(functools.partial(train.train_step, schedule=schedule, config=config,
                                     dropout_key=jax.random.key(0)), axis_name='batch')
-  new_state, metrics = step(flax.jax_utils.replicate(state),
-                            input_pipeline.train_batch(data, config, 0))
+  new_state, metrics = step(flax.jax_utils.replicate(state), batch)
   for tree in (new_state.params, new_state.batch_stats, new_state.opt_state, new_state.ema_params):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tree)
                if jnp.issubdtype(x.dtype, jnp.floating))
