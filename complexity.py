@@ -115,6 +115,8 @@ def _size(tree) -> int:
 
 def analyze(model, image_size: int) -> Complexity:
   """Counts the MAdds and parameters of `model` on one image of image_size x image_size x 3."""
+  if hasattr(model, 'conv_impl'):
+    model = model.clone(conv_impl='xla')  # count the convolutions as convolution operations
   image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), image)
   params = dict(variables['params'])

@@ -109,10 +109,13 @@ def _in_memory(name, train: dict, evaluation: dict) -> Data:
 
 
 def _synthetic(config) -> Data:
-  """Each class is a fixed random image; examples add noise to it."""
+  """Each class is a fixed random pattern of 4x4 blocks (so that it survives small shifts);
+  examples add noise to it."""
   rng = np.random.default_rng(config.seed)
   size = config.image_size
-  prototypes = rng.uniform(0, 255, (config.num_classes, size, size, 3))
+  blocks = rng.uniform(0, 255, (config.num_classes, 4, 4, 3))
+  prototypes = np.repeat(np.repeat(blocks, -(-size // 4), axis=1), -(-size // 4), axis=2)
+  prototypes = prototypes[:, :size, :size]
   def split(n):
     labels = rng.integers(0, config.num_classes, n)
     images = prototypes[labels] + rng.normal(0, 40, (n, size, size, 3))
@@ -161,6 +164,18 @@ def _missing(config, builder) -> ValueError:
                     f'{how}.{hint}')
 
 
+def _resize_once(images: np.ndarray, config) -> np.ndarray:
+  """For 'pad_crop', brings cached images to image_size x image_size RGB once, not every epoch."""
+  if config.augment != 'pad_crop' or images.shape[1:] == (config.image_size,) * 2 + (3,):
+    return images
+  resized = []
+  for start in range(0, len(images), 4096):
+    chunk = _decode(tf.constant(images[start:start + 4096]))
+    chunk = _resize(chunk, (config.image_size, config.image_size))
+    resized.append(tf.cast(tf.clip_by_value(tf.round(chunk), 0, 255), tf.uint8).numpy())
+  return np.concatenate(resized)
+
+
 def _tfds(config) -> Data:
   data_dir = config.data_dir or None
   try:
@@ -178,22 +193,26 @@ def _tfds(config) -> Data:
       raise _missing(config, builder)
   splits = {'train': config.train_split, 'eval': config.eval_split}
   for split in splits.values():
-    if split not in builder.info.splits:
+    if builder.info.splits and split not in builder.info.splits:
       raise ValueError(f'Dataset {config.dataset!r} has no split {split!r}; it has '
                        f'{", ".join(builder.info.splits)}.')
   def local(split):
     return tfds.split_for_jax_process(splits[split], drop_remainder=False)
+  def size(split):
+    if builder.info.splits:
+      return builder.info.splits[split].num_examples
+    # No recorded split sizes (a data set without metadata): count the examples.
+    return int(builder.as_dataset(split=split).reduce(0, lambda count, _: count + 1))
   def read(split):
     if config.cache:  # small data sets: decode once into host memory
       arrays = tfds.as_numpy(builder.as_dataset(split=local(split), batch_size=-1))
-      return tf.data.Dataset.from_tensor_slices({'image': arrays['image'],
+      return tf.data.Dataset.from_tensor_slices({'image': _resize_once(arrays['image'], config),
                                                  'label': arrays['label']})
     ds = builder.as_dataset(split=local(split), shuffle_files=False,
                             read_config=tfds.ReadConfig(skip_prefetch=True))
     return ds.map(lambda e: {'image': e['image'], 'label': e['label']})
-  return Data(config.dataset, builder.info.splits[splits['train']].num_examples,
-              builder.info.splits[splits['eval']].num_examples, read,
-              lambda s: builder.info.splits[local(s)].num_examples)
+  return Data(config.dataset, size(splits['train']), size(splits['eval']), read,
+              lambda s: size(local(s)))
 
 
 def load(config) -> Data:
@@ -213,7 +232,7 @@ def steps_per_epoch(data: Data, global_batch_size: int) -> int:
 
 
 def _decode(image) -> tf.Tensor:
-  """uint8 HxWx3 from an encoded image or a uint8 HxWxC tensor (grayscale becomes RGB)."""
+  """uint8 [N]xHxWx3 from an encoded image or a uint8 [N]xHxWxC tensor (grayscale becomes RGB)."""
   if image.dtype == tf.string:
     image = tf.io.decode_image(image, channels=3, expand_animations=False)
   if image.shape[-1] == 1:
@@ -228,7 +247,9 @@ def _normalize(image, config) -> tf.Tensor:
 
 
 def _resize(image, size) -> tf.Tensor:
-  return tf.image.resize(image, size, method=tf.image.ResizeMethod.BICUBIC, antialias=True)
+  """Bicubic resize (antialiased), clipped to the pixel range it overshoots."""
+  image = tf.image.resize(image, size, method=tf.image.ResizeMethod.BICUBIC, antialias=True)
+  return tf.clip_by_value(image, 0.0, 255.0)
 
 
 def preprocess_train(example, seed, config):
@@ -310,10 +331,9 @@ def eval_batches(data: Data, config) -> Iterator[dict]:
   num_batches = math.ceil(math.ceil(data.num_eval / jax.process_count()) / local_batch)
   ds = data.examples('eval').map(functools.partial(preprocess_eval, config=config),
                                  num_parallel_calls=tf.data.AUTOTUNE)
-  padding = num_batches * local_batch - data.local_count('eval')
   blank = jax.tree.map(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
-  ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
-  ds = ds.batch(local_batch).prefetch(config.prefetch_batches)
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat())
+  ds = ds.batch(local_batch).take(num_batches).prefetch(config.prefetch_batches)
   for batch in ds.with_options(_options(config)).as_numpy_iterator():
     yield shard(batch)
 

@@ -260,12 +260,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       log_train(step)
     if step % config.eval_every_steps == 0 or last:
       check_finite()
+      eval_start = time.time()
       result = evaluate(p_eval_step, state, data, config)
       history['eval'].append((step, result))
       metrics_log.write(step, 'eval', result)
       writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
       logging.info('eval at step %d: %s', step, result)
-      window_start = time.time()
+      window_start += time.time() - eval_start  # throughput counts training time only
     if step % config.checkpoint_every_steps == 0 or last:
       check_finite()
       manager.save(step, args=ocp.args.StandardSave(jax.device_get(jax_utils.unreplicate(state))))

@@ -9,6 +9,7 @@ import functools
 from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 ModuleDef = Any
@@ -59,6 +60,66 @@ def same_padding(kernel_size: int) -> Padding:
 def symmetric_padding(kernel_size: int) -> Padding:
   """Caffe/PyTorch padding: kernel_size // 2 on every side."""
   return ((kernel_size // 2, kernel_size // 2),) * 2
+
+
+def _explicit_padding(padding: Padding, size: int, kernel: int, stride: int) -> tuple[int, int]:
+  if padding == 'SAME':
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+  if padding == 'VALID':
+    return 0, 0
+  raise ValueError(f'Unsupported padding {padding!r}.')
+
+
+class ShiftedConv(nn.Module):
+  """A convolution computed as a sum over the k * k kernel taps of shifted input windows times
+  the tap's weights: a matrix product for full and pointwise convolutions, a batched one for group
+  convolutions, an element-wise product for depthwise ones.
+
+  Same parameter ('kernel', shape (k, k, Cin / groups, Cout)) and the same outputs as `nn.Conv`;
+  XLA's CPU backend runs `conv_general_dilated` (above all its gradients) several times slower
+  than these products, so the networks use this module on the CPU and `nn.Conv` elsewhere.
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: Padding = 'SAME'
+  feature_group_count: int = 1
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  kernel_init: Callable = conv_kernel_init
+
+  @nn.compact
+  def __call__(self, x):
+    (kh, kw), (sh, sw) = self.kernel_size, self.strides
+    groups, in_channels = self.feature_group_count, x.shape[-1]
+    kernel = self.param('kernel', self.kernel_init,
+                        (kh, kw, in_channels // groups, self.features), jnp.float32)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    if isinstance(self.padding, str):
+      pads = [_explicit_padding(self.padding, x.shape[d], k, s)
+              for d, k, s in ((1, kh, sh), (2, kw, sw))]
+    else:
+      pads = [tuple(p) for p in self.padding]
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    depthwise = groups == in_channels == self.features and groups > 1
+    y = 0
+    for i in range(kh):
+      for j in range(kw):
+        window = x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
+        tap = kernel[i, j]  # (Cin / groups, Cout)
+        if depthwise:
+          y = y + window * tap[0]
+        elif groups == 1:
+          y = y + jnp.dot(window, tap)
+        else:
+          tap = tap.reshape(tap.shape[0], groups, -1).transpose(1, 0, 2)
+          window = window.reshape(*window.shape[:-1], groups, -1)
+          y = y + jnp.einsum('nhwgc,gcd->nhwgd', window, tap).reshape(*window.shape[:3], -1)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    return y
 
 
 class ConvBN(nn.Module):
@@ -119,6 +180,9 @@ class Backbone(nn.Module):
   bn_epsilon: float = 1e-5
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  # 'xla' (nn.Conv, feature_group_count for depthwise and group convolutions), 'shifted'
+  # (ShiftedConv) or 'auto': shifted on the CPU backend, xla elsewhere. Same parameters, same outputs.
+  conv_impl: str = 'auto'
 
   # Total stride of the network with and without `small_input`.
   full_stride = 32
@@ -134,6 +198,8 @@ class Backbone(nn.Module):
       raise ValueError(f'model.bn_momentum must be in [0, 1), got {self.bn_momentum}.')
     if not self.bn_epsilon > 0:
       raise ValueError(f'model.bn_epsilon must be > 0, got {self.bn_epsilon}.')
+    if self.conv_impl not in ('auto', 'xla', 'shifted'):
+      raise ValueError(f"model.conv_impl must be 'auto', 'xla' or 'shifted', got {self.conv_impl!r}.")
     if self.num_classes < 1:
       raise ValueError(f'num_classes must be >= 1, got {self.num_classes}.')
     super().__post_init__()
@@ -152,8 +218,11 @@ class Backbone(nn.Module):
 
   def conv_bn(self, train: bool):
     """`ConvBN` with this network's padding, dtype and BatchNorm settings bound in."""
+    shifted = self.conv_impl == 'shifted' or (
+        self.conv_impl == 'auto' and jax.default_backend() == 'cpu')
     conv = functools.partial(
-        nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
+        ShiftedConv if shifted else nn.Conv, use_bias=False, dtype=self.dtype,
+        kernel_init=conv_kernel_init)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
         epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.axis_name)

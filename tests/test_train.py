@@ -28,8 +28,8 @@ TINY = {
     'synthetic_eval_examples': 20, 'batch_size': 16, 'eval_batch_size': 16,
     'model.dropout_rate': 0.0, 'model.bn_momentum': 0.9, 'num_train_steps': 12,
     'log_every_steps': 2, 'eval_every_steps': 6, 'checkpoint_every_steps': 3,
-    'learning_rate': 0.05, 'lr_reference_batch_size': 0, 'schedule': 'cosine',
-    'ema_decay': 0.5, 'label_smoothing': 0.1, 'augment': 'pad_crop',
+    'optimizer': 'sgd', 'learning_rate': 0.1, 'lr_reference_batch_size': 0, 'schedule': 'cosine',
+    'ema_decay': 0.5, 'label_smoothing': 0.1, 'augment': 'pad_crop', 'crop_padding': 2,
 }
 
 

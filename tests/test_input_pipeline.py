@@ -1,0 +1,217 @@
+"""The input pipeline on mock TFDS data, local IDX files, image folders and simulated processes."""
+
+import gzip
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import input_pipeline
+from configs import cifar10, mobilenet_v2, quickstart
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = jax.local_device_count()
+
+
+def _config(base, **overrides):
+  for key, value in overrides.items():
+    base[key] = value
+  return base
+
+
+def _eval_examples(data, config):
+  """(labels of real examples, number of padding slots) over all eval batches."""
+  labels, padding = [], 0
+  for batch in input_pipeline.eval_batches(data, config):
+    assert batch['image'].shape[:2] == (DEVICES, config.eval_batch_size // DEVICES)
+    mask = batch['mask'].reshape(-1)
+    assert set(np.unique(mask)) <= {0.0, 1.0}
+    labels += list(batch['label'].reshape(-1)[mask == 1])
+    padding += int((mask == 0).sum())
+  return labels, padding
+
+
+@pytest.mark.parametrize('image_size', [64, 96, 128])
+def test_imagenet_path_on_mock_data(image_size):
+  config = _config(mobilenet_v2.get_config(f'res={image_size}'), batch_size=16,
+                   eval_batch_size=16, download=True, shuffle_buffer=64)
+  with tfds.testing.mock_data(num_examples=21):
+    data = input_pipeline.load(config)
+    batch = next(input_pipeline.train_batches(data, config))
+    assert batch['image'].shape == (DEVICES, 16 // DEVICES, image_size, image_size, 3)
+    assert batch['image'].dtype == np.float32 and batch['label'].dtype == np.int64
+    assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
+    assert batch['image'].std() > 0.05
+    labels, _ = _eval_examples(data, config)
+    expected = [int(e['label']) for e in data.examples('eval').as_numpy_iterator()]
+  assert len(expected) == 21 and labels == expected  # each example exactly once, in order
+
+
+def test_cifar10_path_on_mock_data():
+  config = _config(cifar10.get_config(), batch_size=16, eval_batch_size=24, download=True,
+                   cache=False)
+  with tfds.testing.mock_data(num_examples=30):
+    data = input_pipeline.load(config)
+    batch = next(input_pipeline.train_batches(data, config))
+    assert batch['image'].shape == (DEVICES, 2, 32, 32, 3)
+    labels, padding = _eval_examples(data, config)
+  assert len(labels) == 30 and padding % 24 == 18  # 30 examples in batches of 24
+
+
+def test_train_order_is_a_function_of_the_step():
+  config = _config(quickstart.get_config(), dataset='synthetic', image_size=32, num_classes=4,
+                   synthetic_train_examples=64, batch_size=16)
+  data = input_pipeline.load(config)
+  stream = input_pipeline.train_batches(data, config)
+  first = [next(stream) for _ in range(7)]  # 4 steps per epoch: crosses an epoch boundary
+  for start in (3, 5):
+    resumed = next(input_pipeline.train_batches(data, config, start_step=start))
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(resumed[key], first[start][key])
+  assert not np.array_equal(first[0]['label'], first[4]['label'])  # epochs are reshuffled
+  # Every example once per epoch.
+  epoch = np.concatenate([b['label'].reshape(-1) for b in first[:4]])
+  assert sorted(epoch) == sorted(e['label'] for e in data.examples('train').as_numpy_iterator())
+
+
+def _write_idx(path, array):
+  header = bytes([0, 0, 8, array.ndim]) + b''.join(d.to_bytes(4, 'big') for d in array.shape)
+  with gzip.open(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_from_local_idx_files(tmp_path):
+  rng = np.random.default_rng(0)
+  files = {}
+  for prefix, n in (('train', 12), ('t10k', 5)):
+    files[prefix] = (rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n))
+    _write_idx(tmp_path / f'{prefix}-images-idx3-ubyte.gz', files[prefix][0])
+    _write_idx(tmp_path / f'{prefix}-labels-idx1-ubyte.gz', files[prefix][1])
+  np.testing.assert_array_equal(input_pipeline.read_idx(
+      str(tmp_path / 'train-images-idx3-ubyte.gz')), files['train'][0])
+  config = _config(quickstart.get_config(), data_dir=str(tmp_path / 'tfds'),
+                   fashion_mnist_files=str(tmp_path), download=False, cache=False, image_size=32)
+  data = input_pipeline.load(config)
+  assert (data.num_train, data.num_eval) == (12, 5)
+  assert os.path.isdir(tmp_path / 'tfds' / 'fashion_mnist')  # a real TFDS data set on disk
+  for split, prefix in (('train', 'train'), ('eval', 't10k')):
+    # TFDS stores the examples in its own shuffled order: compare as collections.
+    stored = sorted((e['image'][..., 0].tobytes(), int(e['label']))
+                    for e in data.examples(split).as_numpy_iterator())
+    images, labels = files[prefix]
+    assert stored == sorted((i.astype(np.uint8).tobytes(), int(l)) for i, l in zip(images, labels))
+  batch = next(input_pipeline.eval_batches(data, _config(config, eval_batch_size=8)))
+  assert batch['image'].shape == (DEVICES, 1, 32, 32, 3)  # grayscale 28 px -> RGB 32 px
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(input_pipeline.FASHION_MNIST_FILES,
+                                                    'train-images-idx3-ubyte.gz')),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_debian_fashion_mnist_files():
+  for prefix, n in (('train', 60_000), ('t10k', 10_000)):
+    images = input_pipeline.read_idx(
+        os.path.join(input_pipeline.FASHION_MNIST_FILES, f'{prefix}-images-idx3-ubyte.gz'))
+    labels = input_pipeline.read_idx(
+        os.path.join(input_pipeline.FASHION_MNIST_FILES, f'{prefix}-labels-idx1-ubyte.gz'))
+    assert images.shape == (n, 28, 28) and labels.shape == (n,)
+    assert sorted(np.unique(labels)) == list(range(10))
+
+
+def _image_folder(root, sizes=((40, 30), (25, 50))):
+  rng = np.random.default_rng(0)
+  count = 0
+  for label, name in enumerate(('cat', 'dog', 'fish')):
+    os.makedirs(root / name)
+    for i in range(10):
+      h, w = sizes[i % 2]
+      if i % 3 == 0:
+        pixels = rng.integers(0, 256, (h, w, 1), dtype=np.uint8)  # grayscale PNG
+        data = tf.io.encode_png(pixels).numpy()
+        suffix = 'png'
+      else:
+        pixels = np.full((h, w, 3), 40 * label + 2 * i + 10, np.uint8)
+        data = tf.io.encode_jpeg(pixels).numpy()
+        suffix = 'jpg'
+      (root / name / f'{i}.{suffix}').write_bytes(data)
+      count += 1
+  (root / 'dog' / 'notes.txt').write_text('not an image')
+  return count
+
+
+def test_image_folder_dataset(tmp_path):
+  total = _image_folder(tmp_path / 'images')
+  config = _config(mobilenet_v2.get_config('res=32'), dataset=f'folder:{tmp_path / "images"}',
+                   num_classes=3, batch_size=8, eval_batch_size=8, folder_eval_fraction=0.3)
+  data = input_pipeline.load(config)
+  assert data.num_train + data.num_eval == total and 0 < data.num_eval < total
+  batch = next(input_pipeline.train_batches(data, config))
+  assert batch['image'].shape == (DEVICES, 1, 32, 32, 3)
+  labels, _ = _eval_examples(data, config)
+  assert len(labels) == data.num_eval and set(labels) <= {0, 1, 2}
+  # The held-out split is fixed by the file names.
+  again = input_pipeline.load(config)
+  assert [e['label'] for e in again.examples('eval').as_numpy_iterator()] == [
+      e['label'] for e in data.examples('eval').as_numpy_iterator()]
+  with pytest.raises(ValueError, match='num_classes=5, but .* has 3 class folders'):
+    input_pipeline.load(_config(config, num_classes=5))
+  with pytest.raises(ValueError, match='does not exist'):
+    input_pipeline.load(_config(config, dataset=f'folder:{tmp_path / "nowhere"}'))
+
+
+def _key(example):
+  image = example['image']
+  return image if isinstance(image, bytes) else image.tobytes()
+
+
+@pytest.mark.parametrize('source', ['synthetic', 'folder'])
+def test_process_shards_are_disjoint_and_cover_the_split(tmp_path, monkeypatch, source):
+  if source == 'folder':
+    _image_folder(tmp_path / 'images')
+    config = _config(mobilenet_v2.get_config('res=32'), dataset=f'folder:{tmp_path / "images"}',
+                     num_classes=3, folder_eval_fraction=0.3)
+  else:
+    config = _config(mobilenet_v2.get_config('res=32'), dataset='synthetic', num_classes=4,
+                     synthetic_train_examples=37, synthetic_eval_examples=11)
+  config = _config(config, batch_size=16, eval_batch_size=16)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  parts = {}
+  for index in (0, 1):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    data = input_pipeline.load(config)
+    parts[index] = {split: [_key(e) for e in data.examples(split).as_numpy_iterator()]
+                    for split in ('train', 'eval')}
+    batches = list(input_pipeline.eval_batches(data, config))
+    assert len(batches) == 1 and batches[0]['image'].shape[:2] == (DEVICES, 1)  # 8 per process
+    assert batches[0]['mask'].sum() == data.local_count('eval')
+  monkeypatch.undo()
+  whole = input_pipeline.load(config)
+  for split in ('train', 'eval'):
+    assert not set(parts[0][split]) & set(parts[1][split])
+    assert sorted(parts[0][split] + parts[1][split]) == sorted(
+        _key(e) for e in whole.examples(split).as_numpy_iterator())
+
+
+def test_missing_dataset_error(tmp_path):
+  config = _config(mobilenet_v2.get_config(), data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match=r"Dataset 'imagenet2012' is not prepared in .*"
+                                       r"downloads/manual.*tfds build imagenet2012"):
+    input_pipeline.load(config)
+  config = _config(cifar10.get_config(), data_dir=str(tmp_path), download=False)
+  with pytest.raises(ValueError, match=r"Dataset 'cifar10' is not prepared in "
+                                       f"{tmp_path}.*tfds build cifar10"):
+    input_pipeline.load(config)
+  with pytest.raises(ValueError, match="Unknown dataset 'imagenet2013'"):
+    input_pipeline.load(_config(config, dataset='imagenet2013'))
+
+
+def test_bench_command():
+  out = subprocess.run(
+      [sys.executable, 'input_pipeline.py', '--config=configs/quickstart.py', '--bench',
+       '--steps=5', '--config.dataset=synthetic', '--config.num_classes=4'],
+      cwd=ROOT, capture_output=True, text=True, check=True)
+  assert 'training images/s on this host' in out.stdout
