@@ -19,7 +19,6 @@ Schedules (`config.schedule`), after `config.warmup_epochs` of linear warm-up fr
 import re
 
 import flax
-import jax
 import ml_collections
 import optax
 
@@ -106,7 +105,3 @@ def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransfor
     steps += [momentum, precondition, decay]
   steps += [optax.scale_by_learning_rate(schedule), post_lr]
   return optax.chain(*steps)
-
-
-def learning_rate_at(schedule: optax.Schedule, step: int) -> float:
-  return float(jax.device_get(schedule(step)))
