@@ -152,9 +152,10 @@ def _folder(config, root: str) -> Data:
 
 
 def _missing(config, builder) -> ValueError:
+  root = config.data_dir or '~/tensorflow_datasets'
   how = ('download the ILSVRC2012 train and validation tars into '
-         f'{builder.data_dir}/../downloads/manual and run `tfds build imagenet2012 '
-         f'--data_dir={config.data_dir or "~/tensorflow_datasets"}`'
+         f'{os.path.join(root, "downloads", "manual")} and run `tfds build imagenet2012 '
+         f'--data_dir={root}`'
          if builder.name == 'imagenet2012' else
          f'run `tfds build {config.dataset} --data_dir=...` on a machine with internet access (or '
          'set config.download=True there) and point config.data_dir at that directory')
