@@ -43,7 +43,10 @@ RESUME_KEYS = ('model', 'dataset', 'image_size', 'num_classes', 'half_precision'
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+  # Exponential moving averages of the weights and of the BatchNorm statistics (evaluated
+  # together: averaged weights with the raw model's statistics mismatch early in training).
   ema_params: Any
+  ema_batch_stats: Any
 
 
 def cross_entropy(logits, labels, label_smoothing: float):
@@ -72,8 +75,11 @@ def train_step(state: TrainState, batch, *, schedule, config, dropout_key):
   grads = lax.pmean(grads, 'batch')
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if config.ema_decay > 0:
-    new_state = new_state.replace(ema_params=optax.incremental_update(
-        new_state.params, state.ema_params, 1.0 - config.ema_decay))
+    # TF's ExponentialMovingAverage with num_updates: the decay ramps up to ema_decay.
+    decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = optax.incremental_update((new_state.params, new_state.batch_stats),
+                                   (state.ema_params, state.ema_batch_stats), 1.0 - decay)
+    new_state = new_state.replace(ema_params=ema[0], ema_batch_stats=ema[1])
   metrics = {
       'loss': loss,
       'top1': correct_top_k(logits, batch['label'], 1).mean(),
@@ -84,8 +90,8 @@ def train_step(state: TrainState, batch, *, schedule, config, dropout_key):
 
 def eval_step(state: TrainState, batch):
   """Sums of loss and top-1/top-5 hits over the real (mask = 1) examples of the global batch."""
-  def sums(params, prefix):
-    logits = state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+  def sums(params, batch_stats, prefix):
+    logits = state.apply_fn({'params': params, 'batch_stats': batch_stats}, batch['image'],
                             train=False)
     mask = batch['mask']
     return {
@@ -94,9 +100,9 @@ def eval_step(state: TrainState, batch):
         f'{prefix}top5': (correct_top_k(logits, batch['label'],
                                         min(5, logits.shape[-1])) * mask).sum(),
     }
-  result = {'count': batch['mask'].sum(), **sums(state.params, '')}
+  result = {'count': batch['mask'].sum(), **sums(state.params, state.batch_stats, '')}
   if state.ema_params is not None:
-    result.update(sums(state.ema_params, 'ema_'))
+    result.update(sums(state.ema_params, state.ema_batch_stats, 'ema_'))
   return lax.psum(result, 'batch')
 
 
@@ -114,10 +120,11 @@ def create_train_state(config, model, tx) -> TrainState:
   image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.key(config.seed), image)
-  params = variables['params']
+  params, batch_stats = variables['params'], variables['batch_stats']
+  ema = config.ema_decay > 0
   return TrainState.create(
-      apply_fn=model.apply, params=params, tx=tx, batch_stats=variables['batch_stats'],
-      ema_params=params if config.ema_decay > 0 else None)
+      apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats,
+      ema_params=params if ema else None, ema_batch_stats=batch_stats if ema else None)
 
 
 def check_config(config):

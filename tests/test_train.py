@@ -282,6 +282,36 @@ def test_half_precision_step_keeps_float32_state():
   assert np.isfinite(float(metrics['loss'][0]))
 
 
+def test_ema_averages_weights_and_batchnorm_statistics_with_tf_warmup():
+  """ema = d * ema + (1 - d) * new for the weights and the BatchNorm statistics, with TF's
+  d = min(ema_decay, (1 + step) / (10 + step)); evaluation uses both averages."""
+  config = tiny_config(ema_decay=0.99)
+  model = train.check_config(config)
+  schedule = optimizers.create_schedule(config, 4, 12)
+  state = train.create_train_state(config, model, optimizers.create_optimizer(config, schedule))
+  data = input_pipeline.load(config)
+  batch = next(input_pipeline.train_batches(data, config))
+  step = jax.pmap(functools.partial(train.train_step, schedule=schedule, config=config,
+                                    dropout_key=jax.random.key(0)), axis_name='batch')
+  new = flax.jax_utils.unreplicate(step(flax.jax_utils.replicate(state), batch)[0])
+  decay = 1 / 10  # step 0
+  for old, current, ema in ((state.params, new.params, new.ema_params),
+                            (state.batch_stats, new.batch_stats, new.ema_batch_stats)):
+    for o, c, e in zip(jax.tree.leaves(old), jax.tree.leaves(current), jax.tree.leaves(ema)):
+      np.testing.assert_allclose(e, decay * o + (1 - decay) * c, rtol=1e-5, atol=1e-6)
+  first_mean = lambda stats: jax.tree.leaves(stats)[0]
+  assert not np.allclose(first_mean(new.batch_stats), first_mean(state.batch_stats))
+
+  p_eval = jax.pmap(train.eval_step, axis_name='batch')
+  eval_batch = next(input_pipeline.eval_batches(data, config))
+  same = flax.jax_utils.unreplicate(p_eval(flax.jax_utils.replicate(
+      new.replace(ema_params=new.params, ema_batch_stats=new.batch_stats)), eval_batch))
+  assert same['ema_loss'] == same['loss']
+  stale = flax.jax_utils.unreplicate(p_eval(flax.jax_utils.replicate(
+      new.replace(ema_params=new.params, ema_batch_stats=state.batch_stats)), eval_batch))
+  assert stale['loss'] == same['loss'] and stale['ema_loss'] != same['loss']
+
+
 def test_configs_carry_the_paper_recipes():
   v1, v2, shuffle = mobilenet_v1.get_config(), mobilenet_v2.get_config(), shufflenet.get_config()
   assert (v1.optimizer, v1.learning_rate, v1.lr_decay_rate, v1.lr_decay_epochs) == (
