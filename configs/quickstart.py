@@ -12,10 +12,12 @@ from configs import default
 
 
 def get_config(arg=None):
-  args = default.parse_arg(arg, alpha=0.25, res=48, epochs=3.0)
+  args = default.parse_arg(arg, model='mobilenet_v1', alpha=0.25, groups=3, res=48, epochs=3.0)
   config = default.get_config()
-  config.model.name = 'mobilenet_v1'
+  config.model.name = args.model
   config.model.alpha = args.alpha
+  if args.model == 'shufflenet':
+    config.model.groups = args.groups
   config.model.dropout_rate = 0.0
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-3

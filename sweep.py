@@ -1,0 +1,363 @@
+r"""Width/resolution sweeps: expand, run (resumably), collect and plot accuracy against MAdds.
+
+A sweep file in configs/sweeps/ lists groups of points; each group names a base config (a file
+with an optional argument string) and axes of config fields to vary, combined as a product or
+zipped. Every point trains with its own `train.py` run in `DIR/<run name>/`.
+
+  python sweep.py --config=configs/sweeps/quickstart.py --workdir=runs/sweep
+  python sweep.py --config=configs/sweeps/mobilenet_v1_paper.py --workdir=DIR --dry_run
+  python sweep.py --config=configs/sweeps/shufflenet_paper.py --workdir=DIR --complexity_only
+  python sweep.py --collect=DIR
+
+A point with `results.json` is finished and skipped; an interrupted one resumes from its
+checkpoint (train.py does that); a failed one is reported and the sweep goes on. Every sweep ends
+by writing DIR/results.csv, DIR/results.md and DIR/accuracy_vs_madds.{png,svg}.
+"""
+
+import csv
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+from typing import Any, Optional
+
+from absl import app
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+
+import complexity
+import models
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PUBLISHED = os.path.join(ROOT, 'configs', 'sweeps', 'published_imagenet.csv')
+COLUMNS = ('run', 'model', 'alpha', 'groups', 'image_size', 'macs', 'params', 'top1', 'top5',
+           'ema_top1', 'train_images_per_sec', 'wall_time_sec', 'status')
+# Short names of the usual axes in run names; other fields use their last path component.
+SHORT_NAMES = {'model.alpha': 'a', 'model.groups': 'g', 'image_size': 'r'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One run of a sweep: a base config (file[:args]) and field overrides."""
+  name: str
+  base: str
+  overrides: tuple[tuple[str, Any], ...]
+
+  def config(self) -> ml_collections.ConfigDict:
+    config = load_config(self.base)
+    for field, value in self.overrides:
+      set_field(config, field, value)
+    return config
+
+  def command(self, workdir: str, python: str = 'python', distributed: bool = False) -> list[str]:
+    """The train.py command line of this point (run from the repository root)."""
+    args = [python, 'train.py', f'--config={self.base}']
+    args += [f'--config.{field}={value}' for field, value in self.overrides]
+    args += [f'--workdir={os.path.join(workdir, self.name)}']
+    return args + (['--distributed'] if distributed else [])
+
+
+def _format(value) -> str:
+  return f'{value:g}' if isinstance(value, float) else str(value)
+
+
+def load_config(base: str) -> ml_collections.ConfigDict:
+  """Loads 'configs/x.py[:args]' (relative to the repository root) as --config would."""
+  path, _, arg = base.partition(':')
+  full_path = path if os.path.isabs(path) else os.path.join(ROOT, path)
+  if not os.path.isfile(full_path):
+    raise ValueError(f'Sweep base config {path!r} does not exist (looked in {full_path}).')
+  spec = importlib.util.spec_from_file_location(f'sweep_base_{abs(hash(full_path))}', full_path)
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, ROOT)
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(ROOT)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def set_field(config: ml_collections.ConfigDict, field: str, value) -> None:
+  *parents, last = field.split('.')
+  node = config
+  for key in parents:
+    node = node.get(key)
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ValueError(f'Sweep axis {field!r} is not a config field.')
+  if last not in node:
+    raise ValueError(f'Sweep axis {field!r} is not a config field.')
+  node[last] = type(node[last])(value) if isinstance(node[last], float) else value
+
+
+def run_name(config: ml_collections.ConfigDict, fields) -> str:
+  """'mobilenet_v2-a0.5-r160', 'shufflenet-g3-a0.5-r224', plus any other varied field."""
+  identity = ['model.alpha', 'image_size']
+  if config.model.name == 'shufflenet':
+    identity.insert(0, 'model.groups')
+  parts = [config.model.name]
+  for field in identity + [f for f in fields if f not in identity]:
+    value = config
+    for key in field.split('.'):
+      value = value[key]
+    parts.append(f'{SHORT_NAMES.get(field, field.split(".")[-1])}{_format(value)}')
+  return '-'.join(parts)
+
+
+def expand(sweep: ml_collections.ConfigDict) -> list[Point]:
+  """All points of `sweep`, in order; raises ValueError for a bad axis or a duplicate point."""
+  points = []
+  for group in sweep.groups:
+    fields = [field for field, _ in group.axes]
+    values = [list(v) for _, v in group.axes]
+    if group.get('mode', 'product') == 'zip':
+      if len({len(v) for v in values}) > 1:
+        raise ValueError(f'Zipped axes {fields} of {group.base} have different lengths '
+                         f'{[len(v) for v in values]}; give every axis the same number of values.')
+      combos = list(zip(*values))
+    elif group.get('mode', 'product') == 'product':
+      combos = list(itertools.product(*values))
+    else:
+      raise ValueError(f"Sweep group mode must be 'product' or 'zip', got {group.mode!r}.")
+    for combo in combos:
+      overrides = tuple(sweep.get('overrides', ())) + tuple(zip(fields, combo))
+      point = Point('', group.base, overrides)
+      config = point.config()
+      points.append(dataclasses.replace(point, name=run_name(config, fields)))
+  seen = {}
+  for point in points:
+    if point.name in seen:
+      raise ValueError(f'Duplicate sweep point {point.name!r} ({seen[point.name].base} and '
+                       f'{point.base}): every point needs its own settings; remove one.')
+    seen[point.name] = point
+  return points
+
+
+def check_points(points: list[Point]) -> None:
+  """Builds every point's model once, so a bad setting stops the sweep before any training."""
+  for point in points:
+    try:
+      models.get_model(point.config())
+    except ValueError as e:
+      raise ValueError(f'Sweep point {point.name}: {e}') from e
+
+
+def status(run_dir: str) -> str:
+  if os.path.exists(os.path.join(run_dir, 'results.json')):
+    return 'done'
+  if os.path.exists(os.path.join(run_dir, 'FAILED')):
+    return 'failed'
+  if os.path.isdir(os.path.join(run_dir, 'checkpoints')):
+    return 'interrupted'
+  return 'pending'
+
+
+def run_point(point: Point, workdir: str, command: list[str]) -> str:
+  """Runs `command` for `point` unless it has finished; its output goes to train.log."""
+  run_dir = os.path.join(workdir, point.name)
+  if status(run_dir) == 'done':
+    return 'skipped (done)'
+  os.makedirs(run_dir, exist_ok=True)
+  failed_marker = os.path.join(run_dir, 'FAILED')
+  if os.path.exists(failed_marker):
+    os.remove(failed_marker)
+  with open(os.path.join(run_dir, 'train.log'), 'a') as log:
+    returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+  if returncode != 0 or status(run_dir) != 'done':
+    with open(failed_marker, 'w') as f:
+      f.write(f'exit status {returncode}\n')
+    return f'failed (exit status {returncode}; see {run_dir}/train.log)'
+  return 'done'
+
+
+def _write_json(path: str, value) -> None:
+  with open(f'{path}.tmp', 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(f'{path}.tmp', path)
+
+
+def save_plan(points: list[Point], workdir: str, complexities: Optional[dict] = None) -> None:
+  """DIR/sweep.json: the points (and MAdds/params when known), so --collect needs no config."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'sweep.json')
+  old = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      old = {p['name']: p for p in json.load(f)['points']}
+  plan = []
+  for point in points:
+    entry = {'name': point.name, 'base': point.base, 'overrides': list(point.overrides)}
+    known = (complexities or {}).get(point.name) or old.get(point.name, {}).get('complexity')
+    if known:
+      entry['complexity'] = known
+    config = point.config()
+    entry['identity'] = {'model': config.model.name, 'alpha': config.model.alpha,
+                         'groups': config.model.get('groups'), 'image_size': config.image_size,
+                         'dataset': config.dataset}
+    plan.append(entry)
+  _write_json(path, {'points': plan})
+
+
+def collect(workdir: str) -> list[dict]:
+  """Writes DIR/results.csv, DIR/results.md and the plot; returns the rows."""
+  with open(os.path.join(workdir, 'sweep.json')) as f:
+    plan = json.load(f)['points']
+  rows = []
+  for entry in plan:
+    run_dir = os.path.join(workdir, entry['name'])
+    row = dict.fromkeys(COLUMNS)
+    row.update(run=entry['name'], status=status(run_dir), **{
+        k: entry['identity'][k] for k in ('model', 'alpha', 'groups', 'image_size')})
+    row.update(entry.get('complexity', {}))
+    if row['status'] == 'done':
+      with open(os.path.join(run_dir, 'results.json')) as f:
+        results = json.load(f)
+      row.update(macs=results['macs'], params=results['params'], top1=results['final_top1'],
+                 top5=results['final_top5'], ema_top1=results['final_ema_top1'],
+                 train_images_per_sec=results['train_images_per_sec'],
+                 wall_time_sec=results['wall_time_sec'])
+    rows.append(row)
+  with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(markdown_table(rows))
+  datasets = {entry['identity']['dataset'] for entry in plan}
+  plot(rows, os.path.join(workdir, 'accuracy_vs_madds'),
+       published=read_published() if datasets == {'imagenet2012'} else [])
+  return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+  header = ('run', 'model', 'alpha', 'groups', 'image size', 'MAdds (M)', 'params (M)',
+            'top-1 %', 'top-5 %', 'EMA top-1 %', 'train img/s', 'wall time', 'status')
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  def number(value, scale=1.0, digits=1):
+    return '' if value is None else f'{value * scale:.{digits}f}'
+  for r in rows:
+    wall = '' if r['wall_time_sec'] is None else f'{r["wall_time_sec"] / 60:.1f} min'
+    cells = (r['run'], r['model'], f'{r["alpha"]:g}', '' if r['groups'] is None else r['groups'],
+             r['image_size'], number(r['macs'], 1e-6), number(r['params'], 1e-6, 2),
+             number(r['top1'], 100, 2), number(r['top5'], 100, 2), number(r['ema_top1'], 100, 2),
+             number(r['train_images_per_sec'], 1, 0), wall, r['status'])
+    lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def read_published() -> list[dict]:
+  with open(PUBLISHED) as f:
+    return list(csv.DictReader(line for line in f if not line.startswith('#')))
+
+
+def family(row: dict) -> str:
+  """Points of one family differ only in width: same model, groups and resolution."""
+  groups = f' g={row["groups"]}' if row['model'] == 'shufflenet' else ''
+  return f'{row["model"]}{groups}, {row["image_size"]} px'
+
+
+def plot(rows: list[dict], path_stem: str, published: list[dict]) -> None:
+  """Top-1 against MAdds (log axis), one line per family, points labelled width/resolution."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(8, 5.5))
+  finished = [r for r in rows if r['top1'] is not None]
+  for name in sorted({family(r) for r in finished}):
+    members = sorted((r for r in finished if family(r) == name), key=lambda r: r['macs'])
+    x = [r['macs'] / 1e6 for r in members]
+    y = [100 * r['top1'] for r in members]
+    ax.plot(x, y, marker='o', label=name)
+    for r, xi, yi in zip(members, x, y):
+      ax.annotate(f'{r["alpha"]:g}/{r["image_size"]}', (xi, yi), textcoords='offset points',
+                  xytext=(4, 4), fontsize=7)
+  models_run = {r['model'] for r in rows}
+  for model in sorted({p['model'] for p in published} & models_run):
+    points = [p for p in published if p['model'] == model]
+    ax.scatter([float(p['madds_millions']) for p in points], [float(p['top1']) for p in points],
+               marker='x', label=f'{model}, published')
+  ax.set_xscale('log')
+  ax.set_xlabel('Million Mult-Adds (log scale)')
+  ax.set_ylabel('Top-1 accuracy (%)')
+  ax.grid(True, which='both', alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  for suffix in ('png', 'svg'):
+    fig.savefig(f'{path_stem}.{suffix}', dpi=150)
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if f.collect:
+    rows = collect(f.collect)
+    print(markdown_table(rows), end='')
+    return
+  if f.config is None or not f.workdir:
+    raise app.UsageError('Give --config=configs/sweeps/<name>.py and --workdir=DIR '
+                         '(or --collect=DIR).')
+  if f.launch == 'tpu' and not (f.tpu_name and f.zone):
+    raise app.UsageError('--launch=tpu needs --tpu_name and --zone.')
+  points = expand(f.config)
+  check_points(points)
+  workdir = os.path.abspath(f.workdir) if f.launch == 'local' else f.workdir
+
+  def command(point):
+    if f.launch == 'local':
+      return point.command(workdir, sys.executable)
+    remote = ' '.join(shlex.quote(a) for a in point.command(workdir, 'python3', distributed=True))
+    return ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', f.tpu_name, f'--zone={f.zone}',
+            '--worker=all', f'--command=cd {shlex.quote(f.tpu_repo_dir)} && {remote}']
+
+  if f.dry_run or f.complexity_only:
+    complexities = {p.name: {k: v for k, v in complexity.summary(p.config()).items()
+                             if k in ('macs', 'params')} for p in points}
+    save_plan(points, workdir, complexities)
+    for point in points:
+      c = complexities[point.name]
+      print(f'{point.name}: {c["macs"] / 1e6:.1f} M MAdds, {c["params"] / 1e6:.2f} M params')
+      if f.dry_run:
+        print('  ' + ' '.join(shlex.quote(a) for a in command(point)))
+    if f.complexity_only:
+      collect(workdir)
+      print(f'Wrote {workdir}/results.csv and results.md.')
+    return
+
+  save_plan(points, workdir)
+  outcomes = {}
+  for i, point in enumerate(points, 1):
+    print(f'[{i}/{len(points)}] {point.name} ...', flush=True)
+    outcomes[point.name] = run_point(point, workdir, command(point))
+    print(f'[{i}/{len(points)}] {point.name}: {outcomes[point.name]}', flush=True)
+  rows = collect(workdir)
+  print(markdown_table(rows), end='')
+  failed = [name for name, outcome in outcomes.items() if outcome.startswith('failed')]
+  if failed:
+    print(f'{len(failed)} point(s) failed: {", ".join(failed)}; rerun the same command to retry '
+          'them (finished points are skipped).')
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Sweep file in configs/sweeps/.')
+  flags.DEFINE_string('workdir', None, 'Sweep directory: one train.py workdir per point.')
+  flags.DEFINE_bool('dry_run', False, 'List the points, MAdds, params and commands; run nothing.')
+  flags.DEFINE_bool('complexity_only', False,
+                    'Fill results.csv/results.md with MAdds and params only; train nothing.')
+  flags.DEFINE_string('collect', None, 'Only collect DIR into results.csv/.md and the plot.')
+  flags.DEFINE_enum('launch', 'local', ['local', 'tpu'],
+                    'local: run each point here; tpu: on every worker of a Cloud TPU VM slice.')
+  flags.DEFINE_string('tpu_name', None, '--launch=tpu: the TPU VM name.')
+  flags.DEFINE_string('zone', None, '--launch=tpu: the TPU VM zone.')
+  flags.DEFINE_string('tpu_repo_dir', 'mobilenets',
+                      '--launch=tpu: this repository on the TPU VM workers, relative to the '
+                      'home directory or absolute (set up there with setup.sh).')
+  app.run(main)

@@ -1,0 +1,222 @@
+"""sweep.py: expansion, names, errors, running, skipping, resuming, failures, collection, plots."""
+
+import csv
+import glob
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_SWEEPS = sorted(glob.glob(os.path.join(ROOT, 'configs', 'sweeps', '*_paper.py')))
+
+# A base config that trains a few steps on synthetic data.
+TINY_BASE = '''
+from configs import mobilenet_v1
+
+def get_config(arg=None):
+  config = mobilenet_v1.get_config('alpha=0.25,res=32')
+  config.dataset = 'synthetic'
+  config.num_classes = 4
+  config.synthetic_train_examples = 64
+  config.synthetic_eval_examples = 20
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.num_train_steps = 6
+  config.optimizer = 'sgd'
+  config.learning_rate = 0.1
+  config.lr_reference_batch_size = 0
+  config.schedule = 'cosine'
+  config.augment = 'pad_crop'
+  config.log_every_steps = 3
+  config.eval_every_steps = 6
+  config.checkpoint_every_steps = 3
+  return config
+'''
+
+
+def sweep_config(*groups, overrides=()):
+  config = ml_collections.ConfigDict()
+  config.groups = [ml_collections.ConfigDict(g) for g in groups]
+  config.overrides = overrides
+  return config
+
+
+def load_sweep(path):
+  return sweep.load_config(path)
+
+
+def test_paper_sweeps_expand_to_the_papers_grids():
+  points = {os.path.basename(p): sweep.expand(load_sweep(p)) for p in PAPER_SWEEPS}
+  v1 = [p.name for p in points['mobilenet_v1_paper.py']]
+  assert len(v1) == 16 and v1[0] == 'mobilenet_v1-a1-r224' and v1[-1] == 'mobilenet_v1-a0.25-r128'
+  v2 = [p.name for p in points['mobilenet_v2_paper.py']]
+  assert len(v2) == 21 and 'mobilenet_v2-a0.35-r96' in v2 and v2[-1] == 'mobilenet_v2-a1.4-r224'
+  shuffle = [p.name for p in points['shufflenet_paper.py']]
+  assert len(shuffle) == 17 and shuffle[0] == 'shufflenet-g1-a0.25-r224'
+  assert shuffle[-2:] == ['shufflenet-g3-a1.5-r224', 'shufflenet-g3-a2-r224']
+  for point_list in points.values():
+    sweep.check_points(point_list)  # every model builds at its resolution
+  point = points['mobilenet_v2_paper.py'][7]
+  config = point.config()
+  assert (config.model.alpha, config.image_size, config.optimizer) == (0.5, 160, 'rmsprop')
+
+
+def test_zip_pairs_values_and_product_crosses_them():
+  axes = (('model.alpha', (0.25, 0.5)), ('image_size', (128, 160)))
+  zipped = sweep.expand(sweep_config({'base': 'configs/mobilenet_v1.py', 'mode': 'zip',
+                                      'axes': axes}))
+  assert [p.name for p in zipped] == ['mobilenet_v1-a0.25-r128', 'mobilenet_v1-a0.5-r160']
+  product = sweep.expand(sweep_config({'base': 'configs/mobilenet_v1.py', 'mode': 'product',
+                                       'axes': axes}))
+  assert len(product) == 4
+  # Other varied fields and sweep-wide overrides.
+  points = sweep.expand(sweep_config(
+      {'base': 'configs/shufflenet.py:groups=8', 'mode': 'product',
+       'axes': (('num_epochs', (1.0, 2.0)),)},
+      overrides=(('image_size', 160),)))
+  assert [p.name for p in points] == ['shufflenet-g8-a1-r160-num_epochs1',
+                                      'shufflenet-g8-a1-r160-num_epochs2']
+  assert points[1].config().num_epochs == 2.0
+
+
+@pytest.mark.parametrize('group,message', [
+    ({'base': 'configs/mobilenet_v1.py', 'mode': 'zip',
+      'axes': (('model.alpha', (0.25, 0.5)), ('image_size', (128,)))}, 'different lengths'),
+    ({'base': 'configs/mobilenet_v1.py', 'mode': 'grid', 'axes': (('model.alpha', (0.5,)),)},
+     "'product' or 'zip'"),
+    ({'base': 'configs/mobilenet_v1.py', 'axes': (('model.width', (0.5,)),)},
+     "'model.width' is not a config field"),
+    ({'base': 'configs/no_such_model.py', 'axes': (('model.alpha', (0.5,)),)}, 'does not exist'),
+    ({'base': 'configs/mobilenet_v1.py', 'axes': (('model.alpha', (0.5, 0.5)),)},
+     "Duplicate sweep point 'mobilenet_v1-a0.5-r224'"),
+])
+def test_bad_sweeps_get_one_clear_error(group, message):
+  with pytest.raises(ValueError, match=message):
+    sweep.expand(sweep_config(group))
+
+
+def test_a_model_that_cannot_take_a_resolution_stops_the_sweep_before_training():
+  points = sweep.expand(sweep_config({'base': 'configs/mobilenet_v2.py',
+                                      'axes': (('image_size', (224, 16)),)}))
+  with pytest.raises(ValueError, match='mobilenet_v2-a1-r16: .*image_size=16 is too small'):
+    sweep.check_points(points)
+
+
+def _sweep_cli(*args):
+  return subprocess.run([sys.executable, 'sweep.py', *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=900)
+
+
+def test_complexity_only_fills_the_table_without_training(tmp_path):
+  out = tmp_path / 'v1'
+  result = _sweep_cli('--config=configs/sweeps/mobilenet_v1_paper.py', f'--workdir={out}',
+                      '--complexity_only')
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(out / 'results.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['run'] for r in rows][:2] == ['mobilenet_v1-a1-r224', 'mobilenet_v1-a1-r192']
+  assert len(rows) == 16 and {r['status'] for r in rows} == {'pending'}
+  by_name = {r['run']: r for r in rows}
+  assert round(int(by_name['mobilenet_v1-a1-r224']['macs']) / 1e6, 1) == 568.7
+  assert round(int(by_name['mobilenet_v1-a0.5-r160']['macs']) / 1e6, 1) == 76.5
+  assert int(by_name['mobilenet_v1-a1-r128']['params']) == 4_231_976
+  assert 'mobilenet_v1-a0.25-r224' in (out / 'results.md').read_text()
+  assert not any((out / r['run']).exists() for r in rows)  # nothing trained
+
+
+def test_sweep_runs_skips_resumes_reports_failures_and_collects(tmp_path):
+  (tmp_path / 'tiny.py').write_text(TINY_BASE)
+  base = str(tmp_path / 'tiny.py')
+  (tmp_path / 'sweep_file.py').write_text(f'''
+import ml_collections
+
+def get_config():
+  sweep = ml_collections.ConfigDict()
+  sweep.groups = [
+      ml_collections.ConfigDict({{'base': {base!r}, 'mode': 'product',
+                                  'axes': (('model.alpha', (0.25, 0.5)),)}}),
+      ml_collections.ConfigDict({{'base': {base!r}, 'mode': 'product',
+                                  'axes': (('dataset', ('no_such_dataset',)),)}}),
+  ]
+  sweep.overrides = (('image_size', 32),)
+  return sweep
+''')
+  out = tmp_path / 'out'
+  args = (f'--config={tmp_path / "sweep_file.py"}', f'--workdir={out}')
+  first = _sweep_cli(*args)
+  assert first.returncode == 1, first.stderr[-3000:]  # one point failed, the others ran
+  done = ['mobilenet_v1-a0.25-r32', 'mobilenet_v1-a0.5-r32']
+  failed = 'mobilenet_v1-a0.25-r32-datasetno_such_dataset'
+  assert f'{failed}: failed' in first.stdout and 'point(s) failed' in first.stdout
+  assert 'no_such_dataset' in (out / failed / 'train.log').read_text()
+  with open(out / 'results.csv') as f:
+    rows = {r['run']: r for r in csv.DictReader(f)}
+  assert list(rows) == done + [failed]
+  assert list(next(iter(rows.values()))) == list(sweep.COLUMNS)
+  assert [rows[n]['status'] for n in done + [failed]] == ['done', 'done', 'failed']
+  for name in done:
+    results = json.loads((out / name / 'results.json').read_text())
+    assert float(rows[name]['top1']) == results['final_top1']
+    assert int(rows[name]['macs']) == results['macs'] > 0
+  assert int(rows[done[1]]['macs']) > int(rows[done[0]]['macs'])
+  for suffix in ('png', 'svg'):
+    assert (out / f'accuracy_vs_madds.{suffix}').stat().st_size > 1000
+
+  # Rerun: finished points are skipped; an interrupted one (checkpoints, no results) resumes.
+  mtime = (out / done[0] / 'results.json').stat().st_mtime_ns
+  os.remove(out / done[1] / 'results.json')
+  second = _sweep_cli(*args)
+  assert f'{done[0]}: skipped (done)' in second.stdout
+  assert f'{done[1]}: done' in second.stdout
+  assert (out / done[0] / 'results.json').stat().st_mtime_ns == mtime
+  assert 'Resumed from the checkpoint at step 6' in (out / done[1] / 'train.log').read_text()
+
+  # --collect alone rewrites the table from the directory.
+  os.remove(out / 'results.csv')
+  assert _sweep_cli(f'--collect={out}').returncode == 0
+  assert (out / 'results.csv').exists()
+
+
+def test_dry_run_commands_run_when_copied(tmp_path):
+  (tmp_path / 'tiny.py').write_text(TINY_BASE)
+  (tmp_path / 'sweep_file.py').write_text(f'''
+import ml_collections
+
+def get_config():
+  sweep = ml_collections.ConfigDict()
+  sweep.groups = [ml_collections.ConfigDict({{
+      'base': {str(tmp_path / "tiny.py")!r}, 'mode': 'zip',
+      'axes': (('model.alpha', (0.25,)), ('num_train_steps', (3,)))}})]
+  sweep.overrides = ()
+  return sweep
+''')
+  out = tmp_path / 'out'
+  result = _sweep_cli(f'--config={tmp_path / "sweep_file.py"}', f'--workdir={out}', '--dry_run')
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[0].startswith('mobilenet_v1-a0.25-r32-num_train_steps3: ')
+  assert 'M MAdds' in lines[0]
+  command = lines[1].strip()
+  assert not (out / 'mobilenet_v1-a0.25-r32-num_train_steps3').exists()
+  subprocess.run(command, shell=True, cwd=ROOT, check=True, capture_output=True, timeout=900)
+  results = json.loads((out / 'mobilenet_v1-a0.25-r32-num_train_steps3' / 'results.json')
+                       .read_text())
+  assert results['steps'] == 3 and results['config']['model']['alpha'] == 0.25
+
+  tpu = _sweep_cli(f'--config={tmp_path / "sweep_file.py"}', '--workdir=/mnt/shared/sweep',
+                   '--dry_run', '--launch=tpu', '--tpu_name=my-tpu', '--zone=us-central2-b')
+  assert tpu.returncode == 0, tpu.stderr[-2000:]
+  argv = shlex.split(tpu.stdout.strip().splitlines()[1])
+  assert argv[:8] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'my-tpu',
+                      '--zone=us-central2-b', '--worker=all']
+  remote = argv[8].removeprefix('--command=')
+  assert remote.startswith('cd mobilenets && python3 train.py --config=')
+  assert ('--workdir=/mnt/shared/sweep/mobilenet_v1-a0.25-r32-num_train_steps3 --distributed'
+          in remote)
