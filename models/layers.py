@@ -71,52 +71,6 @@ def _explicit_padding(padding: Padding, size: int, kernel: int, stride: int) -> 
   raise ValueError(f'Unsupported padding {padding!r}.')
 
 
-def _taps(x, kernel_hw, strides, out_hw):
-  """(i, j, window) for every kernel tap: the input window that tap (i, j) multiplies."""
-  (kh, kw), (sh, sw), (out_h, out_w) = kernel_hw, strides, out_hw
-  for i in range(kh):
-    for j in range(kw):
-      yield i, j, x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def shifted_depthwise(x, kernel, strides):
-  """Depthwise convolution of the already padded `x` (NHWC) with `kernel` (kh, kw, C), no padding.
-
-  Its gradient with respect to `x` is the transposed convolution computed the same way (one
-  zero-interleaved copy of the output gradient, then k * k shifted products) instead of the
-  k * k padded copies that differentiating the slices would make.
-  """
-  return _shifted_depthwise_fwd(x, kernel, strides)[0]
-
-
-def _shifted_depthwise_fwd(x, kernel, strides):
-  kh, kw = kernel.shape[:2]
-  out_hw = tuple((x.shape[d] - k) // s + 1 for d, k, s in ((1, kh, strides[0]),
-                                                            (2, kw, strides[1])))
-  y = sum(window * kernel[i, j] for i, j, window in _taps(x, (kh, kw), strides, out_hw))
-  return y, (x, kernel)
-
-
-def _shifted_depthwise_bwd(strides, residuals, grad):
-  x, kernel = residuals
-  (kh, kw), (sh, sw), (out_h, out_w) = kernel.shape[:2], strides, grad.shape[1:3]
-  grad_kernel = jnp.stack([(window * grad).sum((0, 1, 2)) for _, _, window in
-                           _taps(x, (kh, kw), strides, (out_h, out_w))])
-  dilated = jax.lax.pad(grad, jnp.zeros((), grad.dtype), (
-      (0, 0, 0),
-      (kh - 1, x.shape[1] - (out_h - 1) * sh - 1, sh - 1),
-      (kw - 1, x.shape[2] - (out_w - 1) * sw - 1, sw - 1),
-      (0, 0, 0)))
-  height, width = x.shape[1:3]
-  grad_x = sum(dilated[:, kh - 1 - i:kh - 1 - i + height, kw - 1 - j:kw - 1 - j + width, :]
-               * kernel[i, j] for i in range(kh) for j in range(kw))
-  return grad_x.astype(x.dtype), grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
-
-
-shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
-
-
 class ShiftedConv(nn.Module):
   """A convolution computed as a sum over the k * k kernel taps of shifted input windows times
   the tap's weights: a matrix product for full and pointwise convolutions, a batched one for group
@@ -148,14 +102,16 @@ class ShiftedConv(nn.Module):
     else:
       pads = [tuple(p) for p in self.padding]
     x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    if groups == in_channels == self.features and groups > 1:
-      y = shifted_depthwise(x, kernel[:, :, 0, :], (sh, sw))
-    else:
-      out_hw = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-      y = 0
-      for i, j, window in _taps(x, (kh, kw), (sh, sw), out_hw):
+    out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    depthwise = groups == in_channels == self.features and groups > 1
+    y = 0
+    for i in range(kh):
+      for j in range(kw):
+        window = x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
         tap = kernel[i, j]  # (Cin / groups, Cout)
-        if groups == 1:
+        if depthwise:
+          y = y + window * tap[0]
+        elif groups == 1:
           y = y + jnp.dot(window, tap)
         else:
           tap = tap.reshape(tap.shape[0], groups, -1).transpose(1, 0, 2)
