@@ -86,9 +86,14 @@ class Data:
   num_eval: int
   _read: callable  # (split: 'train' | 'eval') -> this process's tf.data.Dataset
   _local_count: callable  # (split) -> this process's number of examples
+  # (split) -> this process's examples as in-memory arrays, for data sets held in memory.
+  _arrays: Optional[callable] = None
 
   def examples(self, split: str) -> tf.data.Dataset:
     return self._read(split)
+
+  def arrays(self, split: str) -> Optional[dict]:
+    return self._arrays(split) if self._arrays else None
 
   def local_count(self, split: str) -> int:
     return self._local_count(split)
@@ -105,7 +110,7 @@ def _in_memory(name, train: dict, evaluation: dict) -> Data:
     return {k: v[_process_slice(len(v))] for k, v in splits[split].items()}
   return Data(name, len(train['label']), len(evaluation['label']),
               lambda s: tf.data.Dataset.from_tensor_slices(part(s)),
-              lambda s: len(part(s)['label']))
+              lambda s: len(part(s)['label']), part)
 
 
 def _synthetic(config) -> Data:
@@ -204,16 +209,18 @@ def _tfds(config) -> Data:
       return builder.info.splits[split].num_examples
     # No recorded split sizes (a data set without metadata): count the examples.
     return int(builder.as_dataset(split=split).reduce(0, lambda count, _: count + 1))
+  @functools.cache
+  def in_memory(split):  # small data sets (config.cache): decoded and resized once
+    arrays = tfds.as_numpy(builder.as_dataset(split=local(split), batch_size=-1))
+    return {'image': _resize_once(arrays['image'], config), 'label': arrays['label']}
   def read(split):
-    if config.cache:  # small data sets: decode once into host memory
-      arrays = tfds.as_numpy(builder.as_dataset(split=local(split), batch_size=-1))
-      return tf.data.Dataset.from_tensor_slices({'image': _resize_once(arrays['image'], config),
-                                                 'label': arrays['label']})
+    if config.cache:
+      return tf.data.Dataset.from_tensor_slices(in_memory(split))
     ds = builder.as_dataset(split=local(split), shuffle_files=False,
                             read_config=tfds.ReadConfig(skip_prefetch=True))
     return ds.map(lambda e: {'image': e['image'], 'label': e['label']})
   return Data(config.dataset, size(splits['train']), size(splits['eval']), read,
-              lambda s: size(local(s)))
+              lambda s: size(local(s)), in_memory if config.cache else None)
 
 
 def load(config) -> Data:
@@ -309,12 +316,22 @@ def train_batches(data: Data, config, start_step: int = 0) -> Iterator[dict]:
   local_batch = config.batch_size // jax.process_count()
   per_epoch = steps_per_epoch(data, config.batch_size)
   epoch, offset = divmod(start_step, per_epoch)
-  examples = data.examples('train').enumerate()
-  buffer = min(config.shuffle_buffer, data.local_count('train'))
+  count = data.local_count('train')
+  buffer = min(config.shuffle_buffer, count)
+  arrays = data.arrays('train') if buffer == count else None
+  if arrays is not None:  # a full shuffle of data in memory: permute indices, not examples
+    tensors = {k: tf.convert_to_tensor(v) for k, v in arrays.items()}
+  else:
+    examples = data.examples('train').enumerate()
   while True:
     seed = tf.constant([config.seed, epoch], tf.int64)
-    ds = examples.shuffle(buffer, seed=config.seed * 100_003 + epoch,
-                          reshuffle_each_iteration=False)
+    if arrays is not None:
+      order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed)
+      ds = tf.data.Dataset.from_tensor_slices(order).batch(local_batch).map(
+          lambda i: (i, {k: tf.gather(t, i) for k, t in tensors.items()})).unbatch()
+    else:
+      ds = examples.shuffle(buffer, seed=config.seed * 100_003 + epoch,
+                            reshuffle_each_iteration=False)
     ds = ds.take(per_epoch * local_batch).skip(offset * local_batch)
     ds = ds.map(lambda i, e, seed=seed: preprocess_train(
         e, tf.random.experimental.stateless_fold_in(seed, i), config),

@@ -63,9 +63,11 @@ def test_cifar10_path_on_mock_data():
   assert len(labels) == 30 and padding % 24 == 18  # 30 examples in batches of 24
 
 
-def test_train_order_is_a_function_of_the_step():
+# A buffer that holds the whole split permutes in-memory examples by index; a smaller one streams.
+@pytest.mark.parametrize('shuffle_buffer', [60_000, 32])
+def test_train_order_is_a_function_of_the_step(shuffle_buffer):
   config = _config(quickstart.get_config(), dataset='synthetic', image_size=32, num_classes=4,
-                   synthetic_train_examples=64, batch_size=16)
+                   synthetic_train_examples=64, batch_size=16, shuffle_buffer=shuffle_buffer)
   data = input_pipeline.load(config)
   stream = input_pipeline.train_batches(data, config)
   first = [next(stream) for _ in range(7)]  # 4 steps per epoch: crosses an epoch boundary
