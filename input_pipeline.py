@@ -318,8 +318,9 @@ def train_batches(data: Data, config, start_step: int = 0) -> Iterator[dict]:
   epoch, offset = divmod(start_step, per_epoch)
   count = data.local_count('train')
   buffer = min(config.shuffle_buffer, count)
+  # A full shuffle of data held in memory permutes indices instead of filling a buffer each epoch.
   arrays = data.arrays('train') if buffer == count else None
-  if arrays is not None:  # a full shuffle of data in memory: permute indices, not examples
+  if arrays is not None:
     tensors = {k: tf.convert_to_tensor(v) for k, v in arrays.items()}
   else:
     examples = data.examples('train').enumerate()

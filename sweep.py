@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 import complexity
 import models
+import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PUBLISHED = os.path.join(ROOT, 'configs', 'sweeps', 'published_imagenet.csv')
@@ -82,15 +83,21 @@ def load_config(base: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
-def set_field(config: ml_collections.ConfigDict, field: str, value) -> None:
+def _parent(config: ml_collections.ConfigDict, field: str):
+  """(the ConfigDict holding `field`, its last key), e.g. (config.model, 'alpha')."""
   *parents, last = field.split('.')
   node = config
   for key in parents:
     node = node.get(key)
     if not isinstance(node, ml_collections.ConfigDict):
-      raise ValueError(f'Sweep axis {field!r} is not a config field.')
-  if last not in node:
+      break
+  if not isinstance(node, ml_collections.ConfigDict) or last not in node:
     raise ValueError(f'Sweep axis {field!r} is not a config field.')
+  return node, last
+
+
+def set_field(config: ml_collections.ConfigDict, field: str, value) -> None:
+  node, last = _parent(config, field)
   node[last] = type(node[last])(value) if isinstance(node[last], float) else value
 
 
@@ -101,10 +108,8 @@ def run_name(config: ml_collections.ConfigDict, fields) -> str:
     identity.insert(0, 'model.groups')
   parts = [config.model.name]
   for field in identity + [f for f in fields if f not in identity]:
-    value = config
-    for key in field.split('.'):
-      value = value[key]
-    parts.append(f'{SHORT_NAMES.get(field, field.split(".")[-1])}{_format(value)}')
+    node, last = _parent(config, field)
+    parts.append(f'{SHORT_NAMES.get(field, last)}{_format(node[last])}')
   return '-'.join(parts)
 
 
@@ -174,12 +179,6 @@ def run_point(point: Point, workdir: str, command: list[str]) -> str:
   return 'done'
 
 
-def _write_json(path: str, value) -> None:
-  with open(f'{path}.tmp', 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(f'{path}.tmp', path)
-
-
 def save_plan(points: list[Point], workdir: str, complexities: Optional[dict] = None) -> None:
   """DIR/sweep.json: the points (and MAdds/params when known), so --collect needs no config."""
   os.makedirs(workdir, exist_ok=True)
@@ -199,7 +198,7 @@ def save_plan(points: list[Point], workdir: str, complexities: Optional[dict] = 
                          'groups': config.model.get('groups'), 'image_size': config.image_size,
                          'dataset': config.dataset}
     plan.append(entry)
-  _write_json(path, {'points': plan})
+  train.write_json_atomic(path, {'points': plan})
 
 
 def collect(workdir: str) -> list[dict]:

@@ -149,7 +149,7 @@ def check_config(config):
   return models.get_model(config, axis_name='batch')
 
 
-def _write_json_atomic(path: str, value):
+def write_json_atomic(path: str, value):
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
     json.dump(value, f, indent=2)
@@ -169,7 +169,7 @@ def _check_workdir_config(workdir: str, config) -> None:
             f'{workdir} holds a run with {key}={saved.get(key)!r}, this config has '
             f'{key}={current.get(key)!r}: use a new --workdir, or the original config to resume.')
   elif jax.process_index() == 0:
-    _write_json_atomic(path, current)
+    write_json_atomic(path, current)
 
 
 class MetricsLog:
@@ -282,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   results = _results(config, history, total_steps, time.time() - start_time)
   if jax.process_index() == 0:
-    _write_json_atomic(os.path.join(workdir, 'results.json'), results)
+    write_json_atomic(os.path.join(workdir, 'results.json'), results)
   return results
 
 

@@ -12,10 +12,7 @@ from configs import default
 def get_config(arg=None):
   args = default.parse_arg(arg, model='mobilenet_v2', alpha=1.0, groups=3, small_input=True)
   config = default.get_config()
-  config.model.name = args.model
-  config.model.alpha = args.alpha
-  if args.model == 'shufflenet':
-    config.model.groups = args.groups
+  default.set_model(config, args.model, args.alpha, args.groups)
   config.model.small_input = args.small_input
   config.model.dropout_rate = 0.1
 

@@ -29,6 +29,15 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   return values
 
 
+def set_model(config: ml_collections.ConfigDict, name: str, alpha: float,
+              groups: int = 3) -> None:
+  """Selects the network and its width (ShuffleNet: scale s and groups g)."""
+  config.model.name = name
+  config.model.alpha = alpha
+  if name == 'shufflenet':
+    config.model.groups = groups
+
+
 def set_rmsprop_recipe(config: ml_collections.ConfigDict, lr_decay_rate: float,
                        lr_decay_epochs: float) -> None:
   """The MobileNet papers' recipe: TF RMSProp (decay 0.9, momentum 0.9, epsilon 1.0), lr 0.045

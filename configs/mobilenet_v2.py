@@ -9,8 +9,7 @@ from configs import default
 def get_config(arg=None):
   args = default.parse_arg(arg, alpha=1.0, res=224)
   config = default.get_config()
-  config.model.name = 'mobilenet_v2'
-  config.model.alpha = args.alpha
+  default.set_model(config, 'mobilenet_v2', args.alpha)
   # TF-slim's MobileNet V2: dropout keep probability 0.8, BatchNorm decay 0.997, epsilon 1e-3.
   config.model.dropout_rate = 0.2
   config.model.bn_momentum = 0.997

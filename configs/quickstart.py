@@ -3,9 +3,10 @@ minutes on a 2-core CPU.
 
     python train.py --config=configs/quickstart.py --workdir=runs/quickstart
 
-Fashion-MNIST is read from Debian's `dataset-fashion-mnist` files when they are installed (setup.sh
-installs them), otherwise TFDS downloads it. The 28x28 grayscale images are resized once to 48x48 RGB (rho = 48/224: the 2x2 final
-feature map keeps more of the image than the 1x1 map of 32 px inputs).
+Fashion-MNIST is read from Debian's `dataset-fashion-mnist` files when they are installed
+(setup.sh installs them), otherwise TFDS downloads it. The 28x28 grayscale images are resized once
+to 48x48 RGB (rho = 48/224: the 2x2 final feature map keeps more of the image than the 1x1 map of
+32 px inputs).
 """
 
 from configs import default
@@ -14,10 +15,7 @@ from configs import default
 def get_config(arg=None):
   args = default.parse_arg(arg, model='mobilenet_v1', alpha=0.25, groups=3, res=48, epochs=3.0)
   config = default.get_config()
-  config.model.name = args.model
-  config.model.alpha = args.alpha
-  if args.model == 'shufflenet':
-    config.model.groups = args.groups
+  default.set_model(config, args.model, args.alpha, args.groups)
   config.model.dropout_rate = 0.0
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-3

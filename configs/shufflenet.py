@@ -10,9 +10,7 @@ from configs import default
 def get_config(arg=None):
   args = default.parse_arg(arg, groups=3, scale=1.0, res=224)
   config = default.get_config()
-  config.model.name = 'shufflenet'
-  config.model.alpha = args.scale
-  config.model.groups = args.groups
+  default.set_model(config, 'shufflenet', args.scale, args.groups)
   config.image_size = args.res
 
   # Section 4: SGD with momentum 0.9, weight decay 4e-5, lr 0.5 decayed linearly to 0 over

@@ -9,10 +9,10 @@ s x"); the bottleneck of every unit is a quarter of the unit's output width. The
 scaled by s up to 1x and by floor(s) above (int(24 * s) for 0.25x, 0.5x and 1x; 24 for 1.5x, 48 for
 2x), as in the official implementation: this is what gives Table 5's 292 MFLOPs for 1.5x (g = 3),
 where scaling the stem to 36 would give 300 MFLOPs. Where a scaled width does not divide into g
-groups as the group convolutions and the shuffle require, it is rounded to the nearest multiple of g (ties up): the stem, each stage width and each
-bottleneck independently. Every width of Table 1, and of the 1x, 0.5x and 0.25x networks with g = 1
-and g = 3, is a multiple already and stays as published; e.g. g = 4 at 0.25x has stem 8 (not 6)
-and a first-stage bottleneck of 16 (not 17).
+groups as the group convolutions and the shuffle require, it is rounded to the nearest multiple of
+g (ties up): the stem, each stage width and each bottleneck independently. Every width of Table
+1, and of the 1x, 0.5x and 0.25x networks with g = 1 and g = 3, is a multiple already and stays as
+published; e.g. g = 4 at 0.25x has stem 8 (not 6) and a first-stage bottleneck of 16 (not 17).
 """
 
 import math
