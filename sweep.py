@@ -151,6 +151,33 @@ def check_points(points: list[Point]) -> None:
       raise ValueError(f'Sweep point {point.name}: {e}') from e
 
 
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def check_workdir(points: list[Point], workdir: str) -> None:
+  """Stops a sweep whose points already ran in `workdir` with other settings, which would
+  otherwise be skipped or resumed as if they were this sweep's."""
+  for point in points:
+    path = os.path.join(workdir, point.name, 'config.json')
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      saved = _flatten(json.load(f))
+    current = _flatten(json.loads(point.config().to_json_best_effort()))
+    changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if changed:
+      raise ValueError(
+          f'{os.path.dirname(path)} holds a run of {point.name} with other settings '
+          f'({", ".join(changed)}): use a new --workdir, or the sweep file that made it.')
+
+
 def status(run_dir: str) -> str:
   if os.path.exists(os.path.join(run_dir, 'results.json')):
     return 'done'
@@ -307,6 +334,7 @@ def main(argv):
     raise app.UsageError('--launch=tpu needs --tpu_name and --zone.')
   points = expand(f.config)
   check_points(points)
+  check_workdir(points, f.workdir)
   workdir = os.path.abspath(f.workdir) if f.launch == 'local' else f.workdir
 
   def command(point):

@@ -109,6 +109,22 @@ def test_a_model_that_cannot_take_a_resolution_stops_the_sweep_before_training()
     sweep.check_points(points)
 
 
+def test_a_point_that_ran_with_other_settings_is_refused(tmp_path):
+  points = sweep.expand(sweep_config({'base': 'configs/mobilenet_v1.py',
+                                      'axes': (('model.alpha', (0.5,)),)}))
+  run_dir = tmp_path / points[0].name
+  run_dir.mkdir()
+  saved = json.loads(points[0].config().to_json_best_effort())
+  (run_dir / 'config.json').write_text(json.dumps(saved))
+  (run_dir / 'results.json').write_text('{}')
+  sweep.check_workdir(points, str(tmp_path))  # same settings: fine
+  saved['num_epochs'] = 3.0
+  (run_dir / 'config.json').write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match=r'mobilenet_v1-a0.5-r224 with other settings \(num_epochs\)'):
+    sweep.check_workdir(points, str(tmp_path))
+  assert (run_dir / 'results.json').read_text() == '{}'  # nothing touched
+
+
 def _sweep_cli(*args):
   return subprocess.run([sys.executable, 'sweep.py', *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=900)
