@@ -81,6 +81,30 @@ def test_train_order_is_a_function_of_the_step(shuffle_buffer):
   assert sorted(epoch) == sorted(e['label'] for e in data.examples('train').as_numpy_iterator())
 
 
+def test_pad_crop_and_flip_of_a_batch():
+  config = _config(quickstart.get_config(), image_size=6, crop_padding=2)
+  images = np.random.default_rng(0).integers(0, 256, (5, 6, 6, 3)).astype(np.uint8)
+  # Per example: row offset, column offset (uniform draws scaled to 0..4) and flip (< 0.5).
+  draws = np.array([[0.0, 0.0, 0.9], [0.99, 0.99, 0.1], [0.5, 0.1, 0.6], [0.3, 0.7, 0.2],
+                    [0.45, 0.45, 0.5]], np.float32)
+  out = input_pipeline.augment_batch({'image': tf.constant(images), 'label': tf.range(5)},
+                                     tf.constant(draws), config)
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  for image, image_draws, result in zip(padded, draws, out['image'].numpy()):
+    row, col = (image_draws[:2] * 5).astype(int)
+    expected = image[row:row + 6, col:col + 6]
+    if image_draws[2] < 0.5:
+      expected = expected[:, ::-1]
+    np.testing.assert_allclose(result, (expected - 127.5) / 127.5, atol=1e-6)
+  np.testing.assert_array_equal(out['label'], np.arange(5))
+  # Without padding only the flips remain.
+  config.crop_padding = 0
+  flipped = input_pipeline.augment_batch({'image': tf.constant(images), 'label': tf.range(5)},
+                                         tf.constant(draws), config)['image'].numpy()
+  expected = np.where((draws[:, 2] < 0.5)[:, None, None, None], images[:, :, ::-1], images)
+  np.testing.assert_allclose(flipped, (expected - 127.5) / 127.5, atol=1e-6)
+
+
 def _write_idx(path, array):
   header = bytes([0, 0, 8, array.ndim]) + b''.join(d.to_bytes(4, 'big') for d in array.shape)
   with gzip.open(path, 'wb') as f:
