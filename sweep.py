@@ -198,7 +198,8 @@ def run_point(point: Point, workdir: str, command: list[str]) -> str:
   if os.path.exists(failed_marker):
     os.remove(failed_marker)
   with open(os.path.join(run_dir, 'train.log'), 'a') as log:
-    returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                 env=train.environ_with_huge_pages())
   if returncode != 0 or status(run_dir) != 'done':
     with open(failed_marker, 'w') as f:
       f.write(f'exit status {returncode}\n')

@@ -187,6 +187,33 @@ def test_command_line_errors(tmp_path):
       'error: batch_size=12 must be a positive multiple of the 8 devices.')
 
 
+def test_restart_with_huge_pages(tmp_path, monkeypatch):
+  enabled = tmp_path / 'enabled'
+  monkeypatch.setattr(train, 'TRANSPARENT_HUGEPAGE', str(enabled))
+  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+  restarts = []
+  monkeypatch.setattr(os, 'execve', lambda *args: restarts.append(args))
+  enabled.write_text('always [madvise] never\n')
+  train.restart_with_huge_pages()
+  assert restarts == [(sys.executable, sys.orig_argv,
+                       {**os.environ, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'})]
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=2')
+  assert train.environ_with_huge_pages()['GLIBC_TUNABLES'] == (
+      'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
+  # Nothing to do where the user chose a setting, where every mapping gets huge pages already
+  # ('always'), where there are none ('never') or no such kernel file.
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=0')
+  assert train.environ_with_huge_pages() is None
+  monkeypatch.delenv('GLIBC_TUNABLES')
+  for content in ('[always] madvise never', 'always madvise [never]'):
+    enabled.write_text(content)
+    assert train.environ_with_huge_pages() is None
+  enabled.unlink()
+  assert train.environ_with_huge_pages() is None
+  train.restart_with_huge_pages()
+  assert len(restarts) == 1
+
+
 def test_resume_with_a_different_model_is_refused(uninterrupted):
   workdir, _ = uninterrupted
   before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
