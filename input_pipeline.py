@@ -326,10 +326,11 @@ def _options(config) -> tf.data.Options:
 
 
 def train_batches(data: Data, config, start_step: int = 0) -> Iterator[dict]:
-  """This process's part of the global training batch of every step from `start_step` on."""
+  """This process's part of the global training batch of every step from `start_step` on: one
+  tf.data iterator over all epochs, epoch e ordered and augmented by (seed, e)."""
   local_batch = config.batch_size // jax.process_count()
   per_epoch = steps_per_epoch(data, config.batch_size)
-  epoch, offset = divmod(start_step, per_epoch)
+  first_epoch, offset = divmod(start_step, per_epoch)
   count = data.local_count('train')
   buffer = min(config.shuffle_buffer, count)
   # A full shuffle of data held in memory permutes indices instead of filling a buffer each epoch,
@@ -340,30 +341,33 @@ def train_batches(data: Data, config, start_step: int = 0) -> Iterator[dict]:
     tensors = {k: tf.convert_to_tensor(v) for k, v in arrays.items()}
   else:
     examples = data.examples('train').enumerate()
-  while True:
-    seed = tf.constant([config.seed, epoch], tf.int64)
+
+  def epoch_batches(epoch):
+    seed = tf.stack([tf.constant(config.seed, tf.int64), epoch])
+    skip = tf.cast(epoch == first_epoch, tf.int64) * offset  # resume inside the first epoch
     draws = tf.random.stateless_uniform([count, 3], seed)  # one row per example of this epoch
     if arrays is not None:
       order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed)
       ds = tf.data.Dataset.from_tensor_slices(order).batch(local_batch, drop_remainder=True)
-      ds = ds.take(per_epoch).skip(offset).map(
+      ds = ds.take(per_epoch).skip(skip).map(
           lambda i: (i, {k: tf.gather(t, i) for k, t in tensors.items()}))
       if per_example:
         ds = ds.unbatch()
     else:
       ds = examples.shuffle(buffer, seed=config.seed * 100_003 + epoch,
                             reshuffle_each_iteration=False)
-      ds = ds.take(per_epoch * local_batch).skip(offset * local_batch)
+      ds = ds.take(per_epoch * local_batch).skip(skip * local_batch)
     if per_example:
-      ds = ds.map(lambda i, e, seed=seed: (i, preprocess_train(
+      ds = ds.map(lambda i, e: (i, preprocess_train(
           e, tf.random.experimental.stateless_fold_in(seed, i), config)),
                   num_parallel_calls=tf.data.AUTOTUNE)
       ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.map(lambda i, batch, draws=draws: augment_batch(batch, tf.gather(draws, i), config))
-    ds = ds.prefetch(config.prefetch_batches)
-    for batch in ds.with_options(_options(config)).as_numpy_iterator():
-      yield shard(batch)
-    epoch, offset = epoch + 1, 0
+    return ds.map(lambda i, batch: augment_batch(batch, tf.gather(draws, i), config))
+
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_batches)
+  ds = ds.prefetch(config.prefetch_batches).with_options(_options(config))
+  for batch in ds.as_numpy_iterator():
+    yield shard(batch)
 
 
 def eval_batches(data: Data, config) -> Iterator[dict]:
