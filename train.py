@@ -48,6 +48,8 @@ RESUME_KEYS = ('model', 'dataset', 'image_size', 'num_classes', 'half_precision'
 # pages instead.
 HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
 TRANSPARENT_HUGEPAGE = '/sys/kernel/mm/transparent_hugepage/enabled'
+
+# Initialisation runs once: on the CPU, compiling it without LLVM's costly passes saves ~8 s.
 CPU_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,
                              'xla_llvm_disable_expensive_passes': True}
 
@@ -131,7 +133,6 @@ def create_train_state(config, model, tx) -> TrainState:
   image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
   key = jax.random.key(config.seed)
   init = jax.jit(functools.partial(model.init, train=False)).lower(key, image)
-  # Runs once: on the CPU, compiling it without LLVM's costly optimisations saves ~8 s.
   variables = init.compile(CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None)(
       key, image)
   params, batch_stats = variables['params'], variables['batch_stats']
@@ -224,7 +225,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
   start_step = manager.latest_step() or 0
   if start_step:
-    state = manager.restore(start_step, args=ocp.args.StandardRestore(state))
+    try:
+      state = manager.restore(start_step, args=ocp.args.StandardRestore(state))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(
+          f'The checkpoint at step {start_step} in {workdir}/checkpoints does not fit this '
+          f'TrainState ({type(e).__name__}: {str(e)[:300]}); it was written by another version '
+          'of train.py. Use a new --workdir; the checkpoint is left as it is.') from e
     logging.info('Resumed from the checkpoint at step %d.', start_step)
   metrics_log = MetricsLog(workdir, start_step)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

@@ -214,6 +214,17 @@ def test_restart_with_huge_pages(tmp_path, monkeypatch):
   assert len(restarts) == 1
 
 
+def test_checkpoint_of_another_trainstate_is_a_clear_error(tmp_path):
+  workdir = str(tmp_path / 'run')
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(3, args=ocp.args.StandardSave({'step': np.int32(3), 'params': {'w': np.ones(2)}}))
+  manager.wait_until_finished()
+  with pytest.raises(ValueError, match='written by another version of train.py. Use a new'):
+    train.train_and_evaluate(tiny_config(), workdir)
+  assert ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')).all_steps() == [3]
+
+
 def test_resume_with_a_different_model_is_refused(uninterrupted):
   workdir, _ = uninterrupted
   before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
