@@ -13,6 +13,11 @@ groups as the group convolutions and the shuffle require, it is rounded to the n
 g (ties up): the stem, each stage width and each bottleneck independently. Every width of Table
 1, and of the 1x, 0.5x and 0.25x networks with g = 1 and g = 3, is a multiple already and stays as
 published; e.g. g = 4 at 0.25x has stem 8 (not 6) and a first-stage bottleneck of 16 (not 17).
+
+Stride-2 units concatenate the pooled shortcut before the branch, as the official release
+(megvii-model/ShuffleNet-Series) does. `shortcut_first=False` puts the branch first, as pytorchcv
+does; because the next unit's group convolutions split the channels in order, the two orders are
+different networks, so weights converted from pytorchcv need it.
 """
 
 import math
@@ -48,6 +53,7 @@ class ShuffleUnit(nn.Module):
   strides: int
   conv_bn: layers.ModuleDef
   group_first_conv: bool = True
+  shortcut_first: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -62,7 +68,8 @@ class ShuffleUnit(nn.Module):
     if self.strides == 1:
       return nn.relu(x + y)
     shortcut = nn.avg_pool(x, (3, 3), (2, 2), padding=layers.symmetric_padding(3))
-    return nn.relu(jnp.concatenate([shortcut, y], axis=-1))
+    parts = [shortcut, y] if self.shortcut_first else [y, shortcut]
+    return nn.relu(jnp.concatenate(parts, axis=-1))
 
 
 def check_groups(groups: int):
@@ -84,6 +91,7 @@ def stage_widths(groups: int, scale: float) -> tuple[int, tuple[int, ...], tuple
 class ShuffleNet(layers.Backbone):
   """ShuffleNet v1 with g groups at scale s (`alpha`); see the module docstring."""
   groups: int = 3
+  shortcut_first: bool = True
   padding = staticmethod(layers.symmetric_padding)
 
   def __post_init__(self):
@@ -100,5 +108,6 @@ class ShuffleNet(layers.Backbone):
       for unit in range(units):
         x = ShuffleUnit(width, bottleneck, self.groups, strides=2 if unit == 0 else 1,
                         conv_bn=conv_bn, group_first_conv=not (stage == 0 and unit == 0),
+                        shortcut_first=self.shortcut_first,
                         name=f'stage{stage + 2}_unit{unit + 1}')(x)
     return x
