@@ -40,7 +40,15 @@ import models
 import optimizers
 
 # Settings a run in an existing workdir must share with the run that wrote its checkpoints.
-RESUME_KEYS = ('model', 'dataset', 'image_size', 'num_classes', 'half_precision', 'optimizer')
+RESUME_KEYS = ('model', 'dataset', 'image_size', 'num_classes', 'label_offset', 'half_precision',
+               'optimizer')
+# Settings that belong to a checkpoint's weights: the network, what its inputs are normalized to
+# and its BatchNorm epsilon. Evaluating (eval_only), fine-tuning (init_from) and predict.py take
+# them from the checkpoint's config.json, so converted weights need no flags.
+WEIGHT_SETTINGS = ('model.name', 'model.alpha', 'model.groups', 'model.bn_epsilon',
+                   'model.shortcut_first', 'normalization_mean', 'normalization_std')
+# ...and those a fine-tuning run must not change (its other settings come from the checkpoint).
+ARCHITECTURE_SETTINGS = ('model.name', 'model.alpha', 'model.groups')
 
 # XLA's CPU runtime allocates every step's temporary buffer afresh (180 MB for the quickstart's
 # step) and glibc maps it from the kernel each time; faulting it in 4 KiB pages takes about a
@@ -76,12 +84,13 @@ def correct_top_k(logits, labels, k: int):
 def train_step(state: TrainState, batch, *, schedule, config, dropout_key):
   """One SGD step on this device's part of the global batch; runs under pmap('batch')."""
   key = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), lax.axis_index('batch'))
+  labels = batch['label'] + config.label_offset
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
         mutable=['batch_stats'], rngs={'dropout': key})
-    loss = cross_entropy(logits, batch['label'], config.label_smoothing).mean()
+    loss = cross_entropy(logits, labels, config.label_smoothing).mean()
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -95,23 +104,24 @@ def train_step(state: TrainState, batch, *, schedule, config, dropout_key):
     new_state = new_state.replace(ema_params=ema[0], ema_batch_stats=ema[1])
   metrics = {
       'loss': loss,
-      'top1': correct_top_k(logits, batch['label'], 1).mean(),
+      'top1': correct_top_k(logits, labels, 1).mean(),
       'lr': schedule(state.step),
   }
   return new_state, lax.pmean(metrics, 'batch')
 
 
-def eval_step(state: TrainState, batch):
+def eval_step(state: TrainState, batch, label_offset: int = 0):
   """Sums of loss and top-1/top-5 hits over the real (mask = 1) examples of the global batch."""
+  labels = batch['label'] + label_offset
+
   def sums(params, batch_stats, prefix):
     logits = state.apply_fn({'params': params, 'batch_stats': batch_stats}, batch['image'],
                             train=False)
     mask = batch['mask']
     return {
-        f'{prefix}loss': (cross_entropy(logits, batch['label'], 0.0) * mask).sum(),
-        f'{prefix}top1': (correct_top_k(logits, batch['label'], 1) * mask).sum(),
-        f'{prefix}top5': (correct_top_k(logits, batch['label'],
-                                        min(5, logits.shape[-1])) * mask).sum(),
+        f'{prefix}loss': (cross_entropy(logits, labels, 0.0) * mask).sum(),
+        f'{prefix}top1': (correct_top_k(logits, labels, 1) * mask).sum(),
+        f'{prefix}top5': (correct_top_k(logits, labels, min(5, logits.shape[-1])) * mask).sum(),
     }
   result = {'count': batch['mask'].sum(), **sums(state.params, state.batch_stats, '')}
   if state.ema_params is not None:
@@ -187,6 +197,111 @@ def _check_workdir_config(workdir: str, config) -> None:
     write_json_atomic(path, current)
 
 
+def read_run_config(workdir: str) -> dict:
+  """The config.json that train.py or convert.py wrote in `workdir`, as a dict."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise ValueError(f'{workdir} has no config.json: it is not a workdir of train.py or '
+                     'convert.py.')
+  with open(path) as f:
+    return json.load(f)
+
+
+def _lookup(tree: dict, field: str):
+  for key in field.split('.'):
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def with_settings(config: ml_collections.ConfigDict, saved: dict,
+                  fields) -> ml_collections.ConfigDict:
+  """A copy of `config` with the `fields` ('model.bn_epsilon', ...) that `saved` has."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for field in fields:
+    value = _lookup(saved, field)
+    if value is not None:
+      *parents, last = field.split('.')
+      node = functools.reduce(lambda node, key: node[key], parents, config)
+      node[last] = tuple(value) if isinstance(value, list) else value
+  return config
+
+
+def restore_variables(workdir: str) -> tuple[dict, int]:
+  """({'params', 'batch_stats', 'ema_params', 'ema_batch_stats'}, step) of the latest checkpoint
+  in `workdir` (the EMA entries are None where the run kept no averages)."""
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  step = (ocp.CheckpointManager(directory).latest_step() if os.path.isdir(directory) else None)
+  if step is None:
+    raise ValueError(f'No checkpoint in {directory}: train there or write one with convert.py.')
+  restored = ocp.CheckpointManager(directory).restore(step, args=ocp.args.StandardRestore())
+  return {k: restored.get(k) for k in ('params', 'batch_stats', 'ema_params',
+                                        'ema_batch_stats')}, step
+
+
+def fine_tuning_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the weight settings of the checkpoint in `config.init_from`; ValueError if
+  the network differs."""
+  saved = read_run_config(config.init_from)
+  for field in ARCHITECTURE_SETTINGS:
+    ours, theirs = _lookup(config.to_dict(), field), _lookup(saved, field)
+    if ours != theirs:
+      raise ValueError(f'init_from={config.init_from} holds a {field}={theirs!r} network, this '
+                       f'config has {field}={ours!r}: use the same network.')
+  return with_settings(config, saved, WEIGHT_SETTINGS)
+
+
+def initialize_from(state: TrainState, source: dict, workdir: str) -> TrainState:
+  """`state` with the weights and BatchNorm statistics of `source` (restore_variables); the
+  classifier keeps its fresh initialisation where its shape differs (another num_classes)."""
+  ours = flax.traverse_util.flatten_dict(
+      {'params': state.params, 'batch_stats': state.batch_stats}, sep='/')
+  theirs = flax.traverse_util.flatten_dict(
+      {'params': source['params'], 'batch_stats': source['batch_stats']}, sep='/')
+  reinitialised = [k for k in ours if k.startswith('params/head/') and k in theirs
+                   and np.shape(theirs[k]) != np.shape(ours[k])]
+  differing = sorted(set(ours) ^ set(theirs)) + [
+      k for k in ours if k in theirs and np.shape(theirs[k]) != np.shape(ours[k])
+      and k not in reinitialised]
+  if differing:
+    raise ValueError(f'The checkpoint in init_from={workdir} does not fit this network: '
+                     f'{", ".join(differing[:5])} differ.')
+  if reinitialised:
+    logging.info('init_from: new classifier (%s in the checkpoint, %s here).',
+                 np.shape(theirs['params/head/classifier/kernel']),
+                 np.shape(ours['params/head/classifier/kernel']))
+  merged = flax.traverse_util.unflatten_dict(
+      {k: ours[k] if k in reinitialised else jnp.asarray(theirs[k]) for k in ours}, sep='/')
+  state = state.replace(**merged)
+  if state.ema_params is not None:
+    state = state.replace(ema_params=state.params, ema_batch_stats=state.batch_stats)
+  return state
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Evaluates the latest checkpoint in `workdir` on `config`'s data (eval_only); writes
+  `workdir/eval_results.json`."""
+  saved = read_run_config(workdir)
+  config = with_settings(config, saved, WEIGHT_SETTINGS + ('num_classes', 'label_offset'))
+  model = check_config(config)
+  data = input_pipeline.load(config)
+  variables, step = restore_variables(workdir)
+  state = TrainState.create(
+      apply_fn=model.apply, params=variables['params'], tx=optax.identity(),
+      batch_stats=variables['batch_stats'], ema_params=variables['ema_params'],
+      ema_batch_stats=variables['ema_batch_stats'])
+  p_eval_step = jax.pmap(functools.partial(eval_step, label_offset=config.label_offset),
+                         axis_name='batch')
+  result = evaluate(p_eval_step, jax_utils.replicate(state), data, config)
+  result = {'step': step, 'dataset': config.dataset, 'split': config.eval_split,
+            'image_size': config.image_size, **result}
+  logging.info('eval of the checkpoint at step %d: %s', step, result)
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(workdir, 'eval_results.json'), result)
+  return result
+
+
 class MetricsLog:
   """`workdir/metrics.jsonl` (process 0 only): one JSON object per logged step and split."""
 
@@ -208,8 +323,13 @@ class MetricsLog:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config`'s model, evaluating and checkpointing in `workdir`; returns results.json."""
+  """Trains `config`'s model, evaluating and checkpointing in `workdir`; returns results.json.
+  With `config.eval_only`, evaluates the latest checkpoint in `workdir` instead."""
   start_time = time.time()
+  if config.eval_only:
+    return evaluate_checkpoint(config, workdir)
+  if config.init_from:
+    config = fine_tuning_config(config)
   model = check_config(config)
   data = input_pipeline.load(config)
   steps_per_epoch = input_pipeline.steps_per_epoch(data, config.batch_size)
@@ -223,8 +343,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, 'checkpoints')),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-  start_step = manager.latest_step() or 0
-  if start_step:
+  latest = manager.latest_step()
+  start_step = latest or 0
+  if latest is not None:  # a checkpoint of this run, or step 0 written by convert.py
     try:
       state = manager.restore(start_step, args=ocp.args.StandardRestore(state))
     except (ValueError, KeyError, TypeError) as e:
@@ -233,6 +354,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f'TrainState ({type(e).__name__}: {str(e)[:300]}); it was written by another version '
           'of train.py. Use a new --workdir; the checkpoint is left as it is.') from e
     logging.info('Resumed from the checkpoint at step %d.', start_step)
+  elif config.init_from:
+    state = initialize_from(state, restore_variables(config.init_from)[0], config.init_from)
+    logging.info('Initialised from the latest checkpoint in %s.', config.init_from)
   metrics_log = MetricsLog(workdir, start_step)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -243,7 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       functools.partial(train_step, schedule=schedule, config=config,
                         dropout_key=jax.random.key(config.seed + 1)),
       axis_name='batch', donate_argnums=(0,))
-  p_eval_step = jax.pmap(eval_step, axis_name='batch')
+  p_eval_step = jax.pmap(functools.partial(eval_step, label_offset=config.label_offset),
+                         axis_name='batch')
   state = jax_utils.replicate(state)
 
   pending = []  # (step, metrics on device) of the steps since the last log

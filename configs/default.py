@@ -36,6 +36,8 @@ def set_model(config: ml_collections.ConfigDict, name: str, alpha: float,
   config.model.alpha = alpha
   if name == 'shufflenet':
     config.model.groups = groups
+    # Stride-2 units: pooled shortcut before the branch (official); False for pytorchcv weights.
+    config.model.shortcut_first = True
 
 
 def set_rmsprop_recipe(config: ml_collections.ConfigDict, lr_decay_rate: float,
@@ -77,6 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.dataset = 'imagenet2012'
   config.num_classes = 1000
+  # Logit index of label 0: 1 for TF-slim's 1001-class models (index 0 = background).
+  config.label_offset = 0
   # The resolution multiplier rho: image_size = 224 * rho.
   config.image_size = 224
   # bfloat16 compute with float32 parameters, BatchNorm statistics and optimizer state.
@@ -132,6 +136,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   config.grad_clip_norm = 0.0  # > 0: clip the global gradient norm
   config.ema_decay = 0.0  # > 0: keep and evaluate an exponential moving average of the weights
+
+  # Pretrained weights (convert.py writes them as a workdir): `eval_only` evaluates the latest
+  # checkpoint of --workdir; `init_from` starts training from the latest checkpoint of another
+  # workdir, with a new classifier when num_classes differs.
+  config.eval_only = False
+  config.init_from = ''
 
   # Logging, evaluation and checkpoints (in steps).
   config.log_every_steps = 50
