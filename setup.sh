@@ -17,3 +17,4 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
+.venv/bin/python -m pip install --quiet --no-deps -r requirements-peers.txt

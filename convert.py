@@ -1,0 +1,160 @@
+r"""Published weights to a workdir of ours, and our checkpoints back to Keras.
+
+    python convert.py --format=tf_slim --source=mobilenet_v1_1.0_224.ckpt \
+        --config=configs/mobilenet_v1.py --workdir=runs/slim_v1_1.0_224
+    python convert.py --format=keras --source=mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5 \
+        --config=configs/mobilenet_v2.py --workdir=runs/keras_v2_1.0_224
+    python convert.py --format=pytorchcv --source=shufflenet_g3_w1-xxxx.pth \
+        --config=configs/shufflenet.py:groups=3 --workdir=runs/pytorchcv_g3
+    python convert.py --export=model.weights.h5 --workdir=runs/v2_0.5   # ours -> Keras
+
+An import writes `workdir/config.json` (the --config with the settings the weights need: input
+normalization, BatchNorm epsilon, class count and offset, ShuffleNet's concatenation order) and an
+Orbax checkpoint at step 0, the format train.py writes. Evaluate it with
+`train.py --workdir=DIR --config=... --config.eval_only=True`, fine-tune from it with
+`--config.init_from=DIR`, or classify images with `predict.py --workdir=DIR`. Nothing is written
+unless every tensor converts; an existing workdir is never touched.
+"""
+
+import json
+import os
+import shutil
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import orbax.checkpoint as ocp
+
+import converters
+import models
+import optimizers
+import train
+
+FLAGS = flags.FLAGS
+
+
+def converted_config(fmt: str, config: ml_collections.ConfigDict,
+                     source: dict) -> ml_collections.ConfigDict:
+  """`config` with what weights of format `fmt` need; the class count comes from the weights'
+  classifier where the format names it (1001 TF-slim classes: label_offset 1)."""
+  settings = dict(converters.FORMAT_SETTINGS[fmt])
+  if config.model.name != 'shufflenet':
+    settings.pop('model.shortcut_first', None)
+  head = converters.LAYER_NAMES[fmt, config.model.name][1]
+  bias = source.get(head + converters.FORMATS[fmt].sep + converters.FORMATS[fmt].dense['bias'])
+  if bias is not None and fmt != 'keras':
+    settings['num_classes'] = int(bias.shape[0])
+    settings['label_offset'] = 1 if fmt == 'tf_slim' and bias.shape[0] == 1001 else 0
+  nested = {}
+  for field, value in settings.items():
+    *parents, last = field.split('.')
+    node = nested
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[last] = value
+  return train.with_settings(config, nested, settings)
+
+
+def variable_shapes(config: ml_collections.ConfigDict) -> dict:
+  model = models.get_model(config)
+  image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
+
+
+def write_workdir(workdir: str, config: ml_collections.ConfigDict, variables: dict,
+                  provenance: dict) -> None:
+  """Writes config.json, a step-0 TrainState checkpoint and converted.json into a new workdir,
+  built next to it and renamed into place when complete."""
+  tx = optimizers.create_optimizer(config, optimizers.create_schedule(config, 1, 1))
+  ema = config.ema_decay > 0
+  state = train.TrainState.create(
+      apply_fn=models.get_model(config).apply, params=variables['params'], tx=tx,
+      batch_stats=variables['batch_stats'], ema_params=variables['params'] if ema else None,
+      ema_batch_stats=variables['batch_stats'] if ema else None)
+  partial = os.path.abspath(workdir.rstrip('/') + '.partial')
+  shutil.rmtree(partial, ignore_errors=True)
+  os.makedirs(partial)
+  train.write_json_atomic(os.path.join(partial, 'config.json'),
+                          json.loads(config.to_json_best_effort()))
+  train.write_json_atomic(os.path.join(partial, 'converted.json'), provenance)
+  manager = ocp.CheckpointManager(os.path.join(partial, 'checkpoints'),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(0, args=ocp.args.StandardSave(jax.device_get(state)))
+  manager.wait_until_finished()
+  os.rename(partial, workdir)
+
+
+def import_weights(fmt: str, source_path: str, config: ml_collections.ConfigDict,
+                   workdir: str) -> ml_collections.ConfigDict:
+  """Converts the weights file `source_path` into a new workdir; returns its config."""
+  converters.supported(fmt, config.model.name)
+  if os.path.exists(workdir) and os.listdir(workdir):
+    raise ValueError(f'{workdir} exists and is not empty; give a new --workdir.')
+  if not os.path.exists(source_path) and not os.path.exists(source_path + '.index'):
+    raise ValueError(f'--source={source_path} does not exist.')
+  source = converters.read(fmt, source_path, config)
+  config = converted_config(fmt, config, source)
+  variables = converters.import_variables(fmt, config.model.name, source,
+                                          variable_shapes(config))
+  if os.path.isdir(workdir):
+    os.rmdir(workdir)
+  write_workdir(workdir, config, variables,
+                {'format': fmt, 'source': os.path.abspath(source_path)})
+  return config
+
+
+def export_keras(workdir: str, target: str, ema: bool = False) -> None:
+  """Writes the latest checkpoint of `workdir` as Keras applications weights (`.weights.h5`).
+
+  Keras' BatchNorm epsilon is 1e-3; a model trained with another epsilon gets its variances
+  shifted by the difference, so the Keras network computes the same function."""
+  if not target.endswith('.weights.h5'):
+    raise ValueError(f'--export={target}: Keras weight files end in .weights.h5.')
+  config = ml_collections.ConfigDict(train.read_run_config(workdir))
+  converters.supported('keras', config.model.name)
+  restored, _ = train.restore_variables(workdir)
+  prefix = 'ema_' if ema else ''
+  if restored[prefix + 'params'] is None:
+    raise ValueError(f'The checkpoint in {workdir} has no EMA weights; leave out --ema.')
+  variables = {'params': restored[prefix + 'params'],
+               'batch_stats': restored[prefix + 'batch_stats']}
+  variables = converters.fold_bn_epsilon(variables, config.model.bn_epsilon, 1e-3)
+  model = converters.keras_application(config)
+  shapes = {name: value.shape for name, value in converters.keras_weights(model).items()}
+  values = converters.export_variables('keras', config.model.name, variables, shapes)
+  for layer in model.layers:
+    if layer.weights:
+      layer.set_weights([values[f'{layer.name}/{w.name}'] for w in layer.weights])
+  model.save_weights(target)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    if FLAGS.export:
+      export_keras(FLAGS.workdir, FLAGS.export, FLAGS.ema)
+      print(f'Wrote {FLAGS.export}.')
+      return
+    if not (FLAGS.format and FLAGS.source and FLAGS.config):
+      raise ValueError('An import needs --format, --source and --config (or give --export).')
+    config = import_weights(FLAGS.format, FLAGS.source, FLAGS.config, FLAGS.workdir)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from None
+  print(f'Wrote {FLAGS.workdir}: {config.model.name} alpha={config.model.alpha}, '
+        f'{config.num_classes} classes (label_offset {config.label_offset}).')
+
+
+if __name__ == '__main__':
+  flags.DEFINE_enum('format', None, list(converters.FORMATS), 'Format of --source.')
+  flags.DEFINE_string('source', None, 'Weights file (TF checkpoint prefix, .h5 or .pth).')
+  config_flags.DEFINE_config_file('config', None, 'Config of the network the weights are for.')
+  flags.DEFINE_string('workdir', None, 'New workdir to write (import) or workdir to read (export).')
+  flags.DEFINE_string('export', None, 'Write the latest checkpoint of --workdir to this Keras '
+                      '.weights.h5 file instead of importing.')
+  flags.DEFINE_bool('ema', False, 'Export the moving averages of the weights.')
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

@@ -1,0 +1,115 @@
+r"""Top-k classes of image files under the latest checkpoint of a workdir.
+
+    python predict.py --workdir=runs/slim_v2_1.0_224 cat.jpg dog.png
+    python predict.py --workdir=runs/quickstart --json --top_k=3 shirt.png
+
+The workdir is one that train.py or convert.py wrote; its config.json gives the network, the
+input size, normalization and class offset, and the data set whose class names are printed
+(ImageNet: the WordNet synset and the name from configs/imagenet2012_names.txt, which lists the
+1000 classes in the order of TFDS's imagenet2012 labels). Images are resized and center-cropped
+as for evaluation.
+"""
+
+import json
+import os
+import sys
+from typing import Optional
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+import input_pipeline
+import models
+import train
+
+IMAGENET_NAMES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
+                              'imagenet2012_names.txt')
+
+
+def class_names(config) -> Optional[list[str]]:
+  """Names of the data set's classes in label order ('n01440764 tench' for ImageNet); None if
+  the data set does not name them."""
+  if config.dataset.startswith(('synthetic', 'folder:')):
+    return None
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    names = tfds.builder(config.dataset).info.features['label'].names
+  except Exception:  # pylint: disable=broad-except  # an unknown or unregistered data set
+    return None
+  if config.dataset.split(':')[0] == 'imagenet2012':
+    with open(IMAGENET_NAMES) as f:
+      names = [f'{synset} {name}' for synset, name in zip(names, f.read().splitlines())]
+  return names
+
+
+def load(workdir: str, ema: bool = False):
+  """(config, a function from a batch of preprocessed images to probabilities over the data
+  set's labels) for the latest checkpoint in `workdir`."""
+  config = ml_collections.ConfigDict(train.read_run_config(workdir))
+  model = models.get_model(config)
+  restored, _ = train.restore_variables(workdir)
+  prefix = 'ema_' if ema else ''
+  if restored[prefix + 'params'] is None:
+    raise ValueError(f'The checkpoint in {workdir} has no EMA weights; leave out --ema.')
+  variables = {'params': restored[prefix + 'params'],
+               'batch_stats': restored[prefix + 'batch_stats']}
+
+  @jax.jit
+  def probabilities(images):
+    logits = model.apply(variables, images, train=False)[:, config.label_offset:]
+    return jax.nn.softmax(logits)
+  return config, probabilities
+
+
+def preprocess(path: str, config) -> np.ndarray:
+  """The image file at `path` as evaluation sees it (resize, center crop, normalize)."""
+  example = {'image': tf.io.read_file(path), 'label': 0}
+  return input_pipeline.preprocess_eval(example, config)['image'].numpy()
+
+
+def predict(workdir: str, paths: list[str], top_k: int = 5, ema: bool = False) -> list[dict]:
+  """For each image: {'image', 'top': [{'label', 'probability', 'name'?}, ...]}."""
+  for path in paths:
+    if not os.path.isfile(path):
+      raise ValueError(f'{path} is not a file.')
+  config, probabilities = load(workdir, ema)
+  names = class_names(config)
+  results = []
+  for path in paths:
+    probs = np.asarray(probabilities(preprocess(path, config)[None]))[0]
+    top = np.argsort(-probs, kind='stable')[:top_k]
+    results.append({'image': path, 'top': [
+        {'label': int(k), 'probability': float(probs[k]),
+         **({'name': names[k]} if names and k < len(names) else {})} for k in top]})
+  return results
+
+
+def main(argv):
+  paths = argv[1:]
+  if not paths:
+    raise app.UsageError('Give one or more image files after the flags.')
+  try:
+    results = predict(flags.FLAGS.workdir, paths, flags.FLAGS.top_k, flags.FLAGS.ema)
+  except (ValueError, tf.errors.InvalidArgumentError) as e:
+    raise SystemExit(f'error: {e}') from None
+  if flags.FLAGS.json:
+    json.dump(results, sys.stdout, indent=1)
+    print()
+    return
+  for result in results:
+    print(result['image'])
+    for entry in result['top']:
+      print(f'  {entry["probability"]:7.2%}  {entry["label"]:4d}  {entry.get("name", "")}')
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'Workdir of train.py or convert.py.')
+  flags.DEFINE_integer('top_k', 5, 'Classes to print per image.')
+  flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
+  flags.DEFINE_bool('ema', False, 'Use the moving averages of the weights.')
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)
