@@ -113,14 +113,8 @@ def export_keras(workdir: str, target: str, ema: bool = False) -> None:
   shifted by the difference, so the Keras network computes the same function."""
   if not target.endswith('.weights.h5'):
     raise ValueError(f'--export={target}: Keras weight files end in .weights.h5.')
-  config = ml_collections.ConfigDict(train.read_run_config(workdir))
+  config, variables = train.load_for_inference(workdir, ema)
   converters.supported('keras', config.model.name)
-  restored, _ = train.restore_variables(workdir)
-  prefix = 'ema_' if ema else ''
-  if restored[prefix + 'params'] is None:
-    raise ValueError(f'The checkpoint in {workdir} has no EMA weights; leave out --ema.')
-  variables = {'params': restored[prefix + 'params'],
-               'batch_stats': restored[prefix + 'batch_stats']}
   variables = converters.fold_bn_epsilon(variables, config.model.bn_epsilon, 1e-3)
   model = converters.keras_application(config)
   shapes = {name: value.shape for name, value in converters.keras_weights(model).items()}

@@ -270,7 +270,8 @@ def keras_application(config, weights: Optional[str] = None):
     except (ValueError, OSError, KeyError) as e:
       raise ValueError(
           f'Could not load {weights} into Keras {builder.__name__}(alpha={config.model.alpha}, '
-          f'classes={config.num_classes}): {str(e)[:300]}. Check model.alpha and num_classes '
+          f'classes={config.num_classes}): {" ".join(str(e).split())[:300]}. Check model.alpha '
+          'and num_classes '
           'against the file.') from e
   return model
 

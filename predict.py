@@ -18,7 +18,6 @@ from typing import Optional
 from absl import app
 from absl import flags
 import jax
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
@@ -49,14 +48,8 @@ def class_names(config) -> Optional[list[str]]:
 def load(workdir: str, ema: bool = False):
   """(config, a function from a batch of preprocessed images to probabilities over the data
   set's labels) for the latest checkpoint in `workdir`."""
-  config = ml_collections.ConfigDict(train.read_run_config(workdir))
+  config, variables = train.load_for_inference(workdir, ema)
   model = models.get_model(config)
-  restored, _ = train.restore_variables(workdir)
-  prefix = 'ema_' if ema else ''
-  if restored[prefix + 'params'] is None:
-    raise ValueError(f'The checkpoint in {workdir} has no EMA weights; leave out --ema.')
-  variables = {'params': restored[prefix + 'params'],
-               'batch_stats': restored[prefix + 'batch_stats']}
 
   @jax.jit
   def probabilities(images):

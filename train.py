@@ -240,6 +240,18 @@ def restore_variables(workdir: str) -> tuple[dict, int]:
                                         'ema_batch_stats')}, step
 
 
+def load_for_inference(workdir: str, ema: bool = False) -> tuple[ml_collections.ConfigDict, dict]:
+  """(config, {'params', 'batch_stats'}) of the latest checkpoint in `workdir`; with `ema`, the
+  moving averages."""
+  config = ml_collections.ConfigDict(read_run_config(workdir))
+  restored, _ = restore_variables(workdir)
+  prefix = 'ema_' if ema else ''
+  if restored[prefix + 'params'] is None:
+    raise ValueError(f'The checkpoint in {workdir} has no moving averages; leave out --ema.')
+  return config, {'params': restored[prefix + 'params'],
+                  'batch_stats': restored[prefix + 'batch_stats']}
+
+
 def fine_tuning_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` with the weight settings of the checkpoint in `config.init_from`; ValueError if
   the network differs."""
