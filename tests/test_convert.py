@@ -201,6 +201,7 @@ def test_pytorchcv_cannot_build_g8_at_half_width():
     pytorchcv_shufflenet.get_shufflenet(groups=8, width_scale=0.5)
 
 
+@pytest.mark.filterwarnings('ignore::UserWarning')  # Keras reports each layer it cannot load
 def test_mismatched_weights_are_one_clear_error_and_write_nothing(tmp_path):
   config = mobilenet_v1.get_config('alpha=0.5,res=128')
   config.num_classes = 1001

@@ -361,3 +361,19 @@ def test_configs_carry_the_paper_recipes():
           shuffle.num_train_steps) == ('sgd', 0.5, 'linear', 1024, 300_000)
   for config in (v1, v2, shuffle):
     optimizers.check_config(config)
+
+
+def test_label_offset_skips_the_background_logit():
+  """TF-slim's 1001-class models: label k is logit k + 1 (logit 0 is 'background')."""
+  logits = jnp.array([[0.0, 5.0, 1.0], [0.0, 1.0, 5.0]])
+  state = train.TrainState.create(
+      apply_fn=lambda variables, images, train: logits, params={}, tx=optax.identity(),
+      batch_stats={}, ema_params=None, ema_batch_stats=None)
+  batch = {'image': np.zeros((1, 2, 1)), 'label': np.array([[0, 1]]), 'mask': np.ones((1, 2))}
+  device = jax.local_devices()[:1]
+  hits = {}
+  for offset in (0, 1):
+    step = jax.pmap(functools.partial(train.eval_step, label_offset=offset), axis_name='batch',
+                    devices=device)
+    hits[offset] = float(step(flax.jax_utils.replicate(state, device), batch)['top1'][0])
+  assert hits == {0: 0.0, 1: 2.0}
