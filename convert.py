@@ -119,9 +119,7 @@ def export_keras(workdir: str, target: str, ema: bool = False) -> None:
   model = converters.keras_application(config)
   shapes = {name: value.shape for name, value in converters.keras_weights(model).items()}
   values = converters.export_variables('keras', config.model.name, variables, shapes)
-  for layer in model.layers:
-    if layer.weights:
-      layer.set_weights([values[f'{layer.name}/{w.name}'] for w in layer.weights])
+  converters.set_keras_weights(model, values)
   model.save_weights(target)
 
 

@@ -281,6 +281,13 @@ def keras_weights(model) -> dict:
           for layer in model.layers for weight in layer.weights}
 
 
+def set_keras_weights(model, values: dict) -> None:
+  """Assigns {'layer/weight': array} (keras_weights' names) to the Keras `model`."""
+  for layer in model.layers:
+    if layer.weights:
+      layer.set_weights([values[f'{layer.name}/{w.name}'] for w in layer.weights])
+
+
 def read_keras(path: str, config) -> dict:
   return keras_weights(keras_application(config, path))
 

@@ -330,7 +330,5 @@ def test_export_of_another_batchnorm_epsilon_keeps_the_function(tmp_path):
   folded = converters.fold_bn_epsilon(variables, 1e-5, 1e-3)
   shapes = {k: v.shape for k, v in converters.keras_weights(peer).items()}
   values = converters.export_variables('keras', 'mobilenet_v2', folded, shapes)
-  for layer in peer.layers:
-    if layer.weights:
-      layer.set_weights([values[f'{layer.name}/{w.name}'] for w in layer.weights])
+  converters.set_keras_weights(peer, values)
   assert_same_logits(ours, np.asarray(peer(images, training=False)))
