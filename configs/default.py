@@ -34,6 +34,9 @@ def set_model(config: ml_collections.ConfigDict, name: str, alpha: float,
   """Selects the network and its width (ShuffleNet: scale s and groups g)."""
   config.model.name = name
   config.model.alpha = alpha
+  if name in ('mobilenet_v2', 'shufflenet'):
+    # BatchNorm scale 0 at the end of residual branches (models/layers.py); off in the papers.
+    config.model.zero_init_residual = False
   if name == 'shufflenet':
     config.model.groups = groups
     # Stride-2 units: pooled shortcut before the branch (official); False for pytorchcv weights.

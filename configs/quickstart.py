@@ -16,6 +16,9 @@ def get_config(arg=None):
   args = default.parse_arg(arg, model='mobilenet_v1', alpha=0.25, groups=3, res=48, epochs=5.0)
   config = default.get_config()
   default.set_model(config, args.model, args.alpha, args.groups)
+  if 'zero_init_residual' in config.model:
+    # Without it the wider MobileNet V2 and ShuffleNets diverge early in runs this short.
+    config.model.zero_init_residual = True
   config.model.dropout_rate = 0.0
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-3

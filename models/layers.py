@@ -127,6 +127,7 @@ class ConvBN(nn.Module):
 
   `groups` is the convolution's `feature_group_count`: 1 for a full or pointwise convolution,
   the channel count for a depthwise one (see `depthwise`), g for ShuffleNet's group convolutions.
+  `zero_scale` starts the BatchNorm scale at 0 instead of 1 (`Backbone.zero_init_residual`).
   """
   features: int
   kernel_size: int
@@ -136,19 +137,22 @@ class ConvBN(nn.Module):
   strides: int = 1
   groups: int = 1
   act: Optional[Callable[[jnp.ndarray], jnp.ndarray]] = nn.relu
+  zero_scale: bool = False
 
   @nn.compact
   def __call__(self, x):
     x = self.conv(
         self.features, (self.kernel_size, self.kernel_size), (self.strides, self.strides),
         padding=self.padding(self.kernel_size), feature_group_count=self.groups, name='conv')(x)
-    x = self.norm(name='bn')(x)
+    scale_init = nn.initializers.zeros if self.zero_scale else nn.initializers.ones
+    x = self.norm(scale_init=scale_init, name='bn')(x)
     return x if self.act is None else self.act(x)
 
 
 def depthwise(channels: int, **kwargs) -> dict:
   """Keyword arguments that make a `ConvBN` depthwise over `channels` channels."""
   return dict(features=channels, groups=channels, **kwargs)
+
 
 
 class ClassifierHead(nn.Module):
@@ -183,6 +187,11 @@ class Backbone(nn.Module):
   # 'xla' (nn.Conv, feature_group_count for depthwise and group convolutions), 'shifted'
   # (ShiftedConv) or 'auto': shifted on the CPU backend, xla elsewhere. Same parameters, same outputs.
   conv_impl: str = 'auto'
+  # Start the last BatchNorm of every branch that is added to an identity shortcut with scale 0,
+  # so that each residual block starts as the identity (Goyal et al. 2017, section 5.1). Not in
+  # the papers' recipes: it keeps short runs of the wider MobileNet V2 and ShuffleNet from
+  # diverging early (configs/quickstart.py). Networks without residual blocks reject it.
+  zero_init_residual: bool = False
 
   # Total stride of the network with and without `small_input`.
   full_stride = 32

@@ -22,6 +22,12 @@ class MobileNetV1(layers.Backbone):
   """MobileNet V1; see the module docstring."""
   min_depth: int = 8
 
+  def __post_init__(self):
+    if self.zero_init_residual:
+      raise ValueError('model.zero_init_residual applies to networks with residual blocks '
+                       '(mobilenet_v2, shufflenet); MobileNet V1 has none: leave it unset.')
+    super().__post_init__()
+
   def width(self, channels: int) -> int:
     return max(int(channels * self.alpha), self.min_depth)
 

@@ -31,20 +31,21 @@ class InvertedResidual(nn.Module):
   expansion: int
   strides: int
   conv_bn: layers.ModuleDef
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x):
     in_channels = x.shape[-1]
     hidden = layers.make_divisible(in_channels * self.expansion)
+    residual = self.strides == 1 and in_channels == self.features
     y = x
     if self.expansion != 1:
       y = self.conv_bn(hidden, 1, act=nn.relu6, name='expand')(y)
     y = self.conv_bn(kernel_size=3, strides=self.strides, act=nn.relu6, name='depthwise',
                      **layers.depthwise(hidden))(y)
-    y = self.conv_bn(self.features, 1, act=None, name='project')(y)
-    if self.strides == 1 and in_channels == self.features:
-      y = y + x
-    return y
+    y = self.conv_bn(self.features, 1, act=None, zero_scale=self.zero_init_residual and residual,
+                     name='project')(y)
+    return y + x if residual else y
 
 
 class MobileNetV2(layers.Backbone):
@@ -61,7 +62,8 @@ class MobileNetV2(layers.Backbone):
         stride = 1
       for repeat in range(repeats):
         x = InvertedResidual(layers.make_divisible(channels * self.alpha), expansion,
-                             stride if repeat == 0 else 1, conv_bn, name=f'block{index}')(x)
+                             stride if repeat == 0 else 1, conv_bn, self.zero_init_residual,
+                             name=f'block{index}')(x)
         index += 1
     last = LAST_CHANNELS if self.alpha <= 1.0 else layers.make_divisible(LAST_CHANNELS * self.alpha)
     return conv_bn(last, 1, act=nn.relu6, name='last_conv')(x)

@@ -54,6 +54,7 @@ class ShuffleUnit(nn.Module):
   conv_bn: layers.ModuleDef
   group_first_conv: bool = True
   shortcut_first: bool = True
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -64,7 +65,8 @@ class ShuffleUnit(nn.Module):
     y = layers.channel_shuffle(y, self.groups)
     y = self.conv_bn(kernel_size=3, strides=self.strides, act=None, name='depthwise',
                      **layers.depthwise(self.bottleneck))(y)
-    y = self.conv_bn(branch_channels, 1, groups=self.groups, act=None, name='expand')(y)
+    y = self.conv_bn(branch_channels, 1, groups=self.groups, act=None,
+                     zero_scale=self.zero_init_residual and self.strides == 1, name='expand')(y)
     if self.strides == 1:
       return nn.relu(x + y)
     shortcut = nn.avg_pool(x, (3, 3), (2, 2), padding=layers.symmetric_padding(3))
@@ -109,5 +111,6 @@ class ShuffleNet(layers.Backbone):
         x = ShuffleUnit(width, bottleneck, self.groups, strides=2 if unit == 0 else 1,
                         conv_bn=conv_bn, group_first_conv=not (stage == 0 and unit == 0),
                         shortcut_first=self.shortcut_first,
+                        zero_init_residual=self.zero_init_residual,
                         name=f'stage{stage + 2}_unit{unit + 1}')(x)
     return x

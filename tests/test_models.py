@@ -3,6 +3,7 @@
 import functools
 import itertools
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -232,6 +233,50 @@ def test_shuffle_units_shortcuts():
   # Shortcut: 3x3 average pool, stride 2, zero padding 1 counted in the average (PyTorch default).
   np.testing.assert_allclose(y[0, 0, 0, :24], x[0, :2, :2].sum(axis=(0, 1)) / 9, rtol=1e-5)
   np.testing.assert_allclose(y[0, 1, 1, :24], x[0, 1:4, 1:4].mean(axis=(0, 1)), rtol=1e-5)
+
+
+def _bn_scales(model, res):
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0), jnp.ones((1, res, res, 3)))
+  flat = flax.traverse_util.flatten_dict(variables['params'], sep='/')
+  return {path[:-len('/bn/scale')]: np.asarray(v) for path, v in flat.items()
+          if path.endswith('/bn/scale')}
+
+
+def test_zero_init_residual_zeroes_exactly_the_residual_branch_ends():
+  # MobileNet V2: Table 2's first block of each stage (n = 1, 2, 3, 4, 3, 3, 1) has no residual.
+  first_of_stage = set(itertools.accumulate((0, 1, 2, 3, 4, 3, 3)))
+  v2_residual = {f'block{i}/project' for i in range(17) if i not in first_of_stage}
+  # ShuffleNet: units 2.. of each stage (4, 8 and 4 units) add their branch to the input.
+  sn_residual = {f'stage{s}_unit{u}/expand' for s, n in ((2, 4), (3, 8), (4, 4))
+                 for u in range(2, n + 1)}
+  for name, width, expected in (('mobilenet_v2', 0.35, v2_residual),
+                                ('shufflenet', 0.5, sn_residual)):
+    config = _config(name, width, 32)
+    assert config.model.zero_init_residual is False
+    assert all(np.all(s == 1) for s in _bn_scales(models.get_model(config), 32).values())
+    config.model.zero_init_residual = True
+    scales = _bn_scales(models.get_model(config), 32)
+    assert {path for path, s in scales.items() if np.all(s == 0)} == expected, name
+    assert all(np.all(s == 1) for path, s in scales.items() if path not in expected), name
+  config = _config('mobilenet_v1', 0.25, 32)
+  with config.unlocked():
+    config.model.zero_init_residual = True
+  with pytest.raises(ValueError, match='MobileNet V1 has none: leave it unset'):
+    models.get_model(config)
+
+
+def test_zero_init_residual_blocks_start_as_the_identity():
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 8, 8, 24)))
+  for block in (
+      models.mobilenet_v2.InvertedResidual(24, 6, 1, models.MobileNetV2().conv_bn(train=False),
+                                           zero_init_residual=True),
+      shufflenet_lib.ShuffleUnit(24, 6, 3, strides=1, conv_bn=models.ShuffleNet().conv_bn(False),
+                                 zero_init_residual=True)):
+    variables = jax.jit(block.init)(jax.random.key(1), x)
+    np.testing.assert_array_equal(jax.jit(block.apply)(variables, x), x)
+    trained = jax.tree.map(lambda v: v + 0.1, variables)  # once the scale moves, the branch acts
+    assert not np.allclose(jax.jit(block.apply)(trained, x), x)
 
 
 def test_padding_conventions():
