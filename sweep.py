@@ -292,6 +292,7 @@ def plot(rows: list[dict], path_stem: str, published: list[dict]) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 
   fig, ax = plt.subplots(figsize=(8, 5.5))
   finished = [r for r in rows if r['top1'] is not None]
@@ -309,6 +310,10 @@ def plot(rows: list[dict], path_stem: str, published: list[dict]) -> None:
     ax.scatter([float(p['madds_millions']) for p in points], [float(p['top1']) for p in points],
                marker='x', label=f'{model}, published')
   ax.set_xscale('log')
+  # Plain numbers at 1, 2 and 5 of every decade (0.2, 0.5, 1, 2, 5, 10, ...).
+  ax.xaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+  for axis_ticks in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+    axis_ticks(ticker.FuncFormatter(lambda value, _: f'{value:g}'))
   ax.set_xlabel('Million Mult-Adds (log scale)')
   ax.set_ylabel('Top-1 accuracy (%)')
   ax.grid(True, which='both', alpha=0.3)
