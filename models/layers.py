@@ -154,7 +154,6 @@ def depthwise(channels: int, **kwargs) -> dict:
   return dict(features=channels, groups=channels, **kwargs)
 
 
-
 class ClassifierHead(nn.Module):
   """Global average pool -> dropout -> fully connected layer (logits in float32)."""
   num_classes: int
