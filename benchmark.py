@@ -6,7 +6,6 @@ Times every step after `--warmup` steps, waiting for the devices, and reports th
 images/s for the global batch (`batch_size` for training, `eval_batch_size` for evaluation).
 """
 
-import functools
 import json
 import statistics
 import time
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+import models
 import optimizers
 import train
 
@@ -48,14 +48,13 @@ def synthetic_batch(batch_size: int, config, with_mask: bool):
 
 
 def run(config, steps: int, warmup: int) -> dict:
-  model = train.check_config(config)
+  train.check_config(config)
+  model = models.get_model(config, axis_name='batch')
   schedule = optimizers.create_schedule(config, 1000, 100_000)
   state = jax_utils.replicate(
       train.create_train_state(config, model, optimizers.create_optimizer(config, schedule)))
-  p_train = jax.pmap(functools.partial(train.train_step, schedule=schedule, config=config,
-                                       dropout_key=jax.random.key(1)),
-                     axis_name='batch', donate_argnums=(0,))
-  p_eval = jax.pmap(train.eval_step, axis_name='batch')
+  p_train = train.pmap_train_step(config, schedule)
+  p_eval = train.pmap_eval_step(config)
 
   train_batch = synthetic_batch(config.batch_size, config, with_mask=False)
   train_seconds, state = _median_seconds(p_train, state, train_batch, steps, warmup)

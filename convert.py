@@ -16,7 +16,6 @@ Orbax checkpoint at step 0, the format train.py writes. Evaluate it with
 unless every tensor converts; an existing workdir is never touched.
 """
 
-import json
 import os
 import shutil
 
@@ -26,12 +25,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
-import orbax.checkpoint as ocp
 
 import converters
 import models
 import optimizers
-import train
+import workdirs
 
 FLAGS = flags.FLAGS
 
@@ -48,14 +46,7 @@ def converted_config(fmt: str, config: ml_collections.ConfigDict,
   if bias is not None and fmt != 'keras':
     settings['num_classes'] = int(bias.shape[0])
     settings['label_offset'] = 1 if fmt == 'tf_slim' and bias.shape[0] == 1001 else 0
-  nested = {}
-  for field, value in settings.items():
-    *parents, last = field.split('.')
-    node = nested
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[last] = value
-  return train.with_settings(config, nested, settings)
+  return workdirs.with_settings(config, settings)
 
 
 def variable_shapes(config: ml_collections.ConfigDict) -> dict:
@@ -69,20 +60,15 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, variables: di
   """Writes config.json, a step-0 TrainState checkpoint and converted.json into a new workdir,
   built next to it and renamed into place when complete."""
   tx = optimizers.create_optimizer(config, optimizers.create_schedule(config, 1, 1))
-  ema = config.ema_decay > 0
-  state = train.TrainState.create(
-      apply_fn=models.get_model(config).apply, params=variables['params'], tx=tx,
-      batch_stats=variables['batch_stats'], ema_params=variables['params'] if ema else None,
-      ema_batch_stats=variables['batch_stats'] if ema else None)
+  state = workdirs.new_train_state(models.get_model(config).apply, variables, tx,
+                                   keep_ema=config.ema_decay > 0)
   partial = os.path.abspath(workdir.rstrip('/') + '.partial')
   shutil.rmtree(partial, ignore_errors=True)
   os.makedirs(partial)
-  train.write_json_atomic(os.path.join(partial, 'config.json'),
-                          json.loads(config.to_json_best_effort()))
-  train.write_json_atomic(os.path.join(partial, 'converted.json'), provenance)
-  manager = ocp.CheckpointManager(os.path.join(partial, 'checkpoints'),
-                                  options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(0, args=ocp.args.StandardSave(jax.device_get(state)))
+  workdirs.write_config_once(partial, config)
+  workdirs.write_json_atomic(os.path.join(partial, 'converted.json'), provenance)
+  manager = workdirs.checkpoint_manager(partial)
+  workdirs.save_train_state(manager, 0, state)
   manager.wait_until_finished()
   os.rename(partial, workdir)
 
@@ -113,7 +99,7 @@ def export_keras(workdir: str, target: str, ema: bool = False) -> None:
   shifted by the difference, so the Keras network computes the same function."""
   if not target.endswith('.weights.h5'):
     raise ValueError(f'--export={target}: Keras weight files end in .weights.h5.')
-  config, variables = train.load_for_inference(workdir, ema)
+  config, variables = workdirs.load_for_inference(workdir, ema)
   converters.supported('keras', config.model.name)
   variables = converters.fold_bn_epsilon(variables, config.model.bn_epsilon, 1e-3)
   model = converters.keras_application(config)

@@ -4,16 +4,16 @@ Sources (`config.dataset`):
 - any prepared TFDS image-classification data set, by name and optional version
   ('imagenet2012', 'cifar10:3.0.2'), read from `config.data_dir`;
 - 'fashion_mnist' is prepared from the original IDX files when Debian's `dataset-fashion-mnist`
-  package has put them in /usr/share/datasets/fashion-mnist (no download);
+  package has put them in `config.fashion_mnist_files` (no download);
 - 'folder:/path' for a folder with one sub-folder of images per class; a fixed fraction
   (`folder_eval_fraction`) of each class, chosen by file name, is held out for evaluation;
 - 'synthetic', a generated stand-in for tests and benchmarks.
 
 Every process reads only its own part of each split (`tfds.split_for_jax_process`). The training
 stream of epoch e visits that part in an order seeded by (seed, e), and every random augmentation
-is drawn for (seed, e, example), so the batch of any step can be rebuilt: `train_batches(data,
-config, start_step)` resumes a run exactly. Evaluation reads the whole split once, padded to full
-batches with a `mask` that is 0 on padding, the same number of batches on every process.
+is drawn for (seed, e, example), so the batch of any step can be rebuilt: `train_batches` resumes
+a run exactly from any step. Evaluation reads the whole split once, padded to full batches with a
+`mask` that is 0 on padding, the same number of batches on every process.
 
     python input_pipeline.py --config=configs/quickstart.py --bench   # host images/s
 """
@@ -34,7 +34,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-FASHION_MNIST_FILES = '/usr/share/datasets/fashion-mnist'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 AUGMENTATIONS = ('inception_crop', 'pad_crop')
 
@@ -80,37 +79,30 @@ def prepare_fashion_mnist(files_dir: str, data_dir: Optional[str]) -> tfds.core.
 
 @dataclasses.dataclass
 class Data:
-  """A source of examples {'image': uint8 HxWxC or encoded bytes, 'label': int} for each split."""
+  """This process's part of the 'train' and 'eval' splits of a data set: examples {'image': uint8
+  HxWxC or encoded bytes, 'label': int}, streamed by tf.data or held in memory as arrays."""
   name: str
   num_train: int  # whole split, all processes
   num_eval: int
-  _read: callable  # (split: 'train' | 'eval') -> this process's tf.data.Dataset
-  _local_count: callable  # (split) -> this process's number of examples
-  # (split) -> this process's examples as in-memory arrays, for data sets held in memory.
-  _arrays: Optional[callable] = None
+  streams: Optional[dict[str, tf.data.Dataset]] = None
+  stream_sizes: Optional[dict[str, int]] = None
+  in_memory: Optional[dict[str, dict[str, np.ndarray]]] = None
 
   def examples(self, split: str) -> tf.data.Dataset:
-    return self._read(split)
+    if self.in_memory:
+      return tf.data.Dataset.from_tensor_slices(self.in_memory[split])
+    return self.streams[split]
 
-  def arrays(self, split: str) -> Optional[dict]:
-    return self._arrays(split) if self._arrays else None
+  def arrays(self, split: str) -> Optional[dict[str, np.ndarray]]:
+    return self.in_memory[split] if self.in_memory else None
 
   def local_count(self, split: str) -> int:
-    return self._local_count(split)
+    return len(self.in_memory[split]['label']) if self.in_memory else self.stream_sizes[split]
 
 
 def _process_slice(n: int) -> slice:
   bounds = np.linspace(0, n, jax.process_count() + 1).astype(int)
   return slice(bounds[jax.process_index()], bounds[jax.process_index() + 1])
-
-
-def _in_memory(name, train: dict, evaluation: dict) -> Data:
-  splits = {'train': train, 'eval': evaluation}
-  def part(split):
-    return {k: v[_process_slice(len(v))] for k, v in splits[split].items()}
-  return Data(name, len(train['label']), len(evaluation['label']),
-              lambda s: tf.data.Dataset.from_tensor_slices(part(s)),
-              lambda s: len(part(s)['label']), part)
 
 
 def _synthetic(config) -> Data:
@@ -125,8 +117,11 @@ def _synthetic(config) -> Data:
     labels = rng.integers(0, config.num_classes, n)
     images = prototypes[labels] + rng.normal(0, 40, (n, size, size, 3))
     return {'image': np.clip(images, 0, 255).astype(np.uint8), 'label': labels.astype(np.int64)}
-  return _in_memory('synthetic', split(config.synthetic_train_examples),
-                    split(config.synthetic_eval_examples))
+  splits = {'train': split(config.synthetic_train_examples),
+            'eval': split(config.synthetic_eval_examples)}
+  return Data('synthetic', len(splits['train']['label']), len(splits['eval']['label']),
+              in_memory={name: {k: v[_process_slice(len(v))] for k, v in arrays.items()}
+                         for name, arrays in splits.items()})
 
 
 def _folder(config, root: str) -> Data:
@@ -147,13 +142,14 @@ def _folder(config, root: str) -> Data:
   if config.num_classes != len(classes):
     raise ValueError(f'num_classes={config.num_classes}, but {root!r} has {len(classes)} class '
                      f'folders: set --config.num_classes={len(classes)}.')
-  def read(split):
-    paths, labels = splits[split]
+  streams, sizes = {}, {}
+  for split, (paths, labels) in splits.items():
     part = _process_slice(len(paths))
     files = tf.data.Dataset.from_tensor_slices((paths[part], labels[part]))
-    return files.map(lambda p, l: {'image': tf.io.read_file(p), 'label': l})
-  return Data(root, len(splits['train'][1]), len(splits['eval'][1]), read,
-              lambda s: len(splits[s][1][_process_slice(len(splits[s][1]))]))
+    streams[split] = files.map(lambda path, label: {'image': tf.io.read_file(path),
+                                                    'label': label})
+    sizes[split] = len(labels[part])
+  return Data(root, len(splits['train'][1]), len(splits['eval'][1]), streams, sizes)
 
 
 def _missing(config, builder) -> ValueError:
@@ -186,13 +182,15 @@ def _resize_once(images: np.ndarray, config) -> np.ndarray:
 
 
 def _tfds(config) -> Data:
+  """A prepared TFDS data set; with `config.cache`, both splits decoded into memory (and, for
+  'pad_crop', resized to image_size) once."""
   data_dir = config.data_dir or None
   try:
     builder = tfds.builder(config.dataset, data_dir=data_dir)
   except Exception as e:  # tfds raises several error types for unknown names
     raise ValueError(f'Unknown dataset {config.dataset!r}: {e}') from e
   if not builder.is_prepared():
-    files = config.get('fashion_mnist_files') or FASHION_MNIST_FILES
+    files = config.fashion_mnist_files
     if builder.name == 'fashion_mnist' and os.path.exists(
         os.path.join(files, 'train-images-idx3-ubyte.gz')):
       builder = prepare_fashion_mnist(files, data_dir)
@@ -205,25 +203,24 @@ def _tfds(config) -> Data:
     if builder.info.splits and split not in builder.info.splits:
       raise ValueError(f'Dataset {config.dataset!r} has no split {split!r}; it has '
                        f'{", ".join(builder.info.splits)}.')
-  def local(split):
-    return tfds.split_for_jax_process(splits[split], drop_remainder=False)
   def size(split):
     if builder.info.splits:
       return builder.info.splits[split].num_examples
     # No recorded split sizes (a data set without metadata): count the examples.
     return int(builder.as_dataset(split=split).reduce(0, lambda count, _: count + 1))
-  @functools.cache
-  def in_memory(split):  # small data sets (config.cache): decoded and resized once
-    arrays = tfds.as_numpy(builder.as_dataset(split=local(split), batch_size=-1))
-    return {'image': _resize_once(arrays['image'], config), 'label': arrays['label']}
-  def read(split):
-    if config.cache:
-      return tf.data.Dataset.from_tensor_slices(in_memory(split))
-    ds = builder.as_dataset(split=local(split), shuffle_files=False,
-                            read_config=tfds.ReadConfig(skip_prefetch=True))
-    return ds.map(lambda e: {'image': e['image'], 'label': e['label']})
-  return Data(config.dataset, size(splits['train']), size(splits['eval']), read,
-              lambda s: size(local(s)), in_memory if config.cache else None)
+  local = {k: tfds.split_for_jax_process(v, drop_remainder=False) for k, v in splits.items()}
+  streams = {k: builder.as_dataset(split=v, shuffle_files=False,
+                                   read_config=tfds.ReadConfig(skip_prefetch=True))
+             .map(lambda e: {'image': e['image'], 'label': e['label']}) for k, v in local.items()}
+  sizes = {k: size(v) for k, v in local.items()}
+  data = Data(config.dataset, size(splits['train']), size(splits['eval']), streams, sizes)
+  if config.cache:
+    # One batch of the whole split: `as_dataset(batch_size=-1)` relies on the recorded split
+    # sizes, which data sets without metadata (and tfds.testing.mock_data) do not have.
+    arrays = {k: tfds.as_numpy(v.batch(sizes[k]).get_single_element()) for k, v in streams.items()}
+    data.in_memory = {k: {'image': _resize_once(v['image'], config), 'label': v['label']}
+                      for k, v in arrays.items()}
+  return data
 
 
 def load(config) -> Data:
@@ -325,11 +322,11 @@ def _options(config) -> tf.data.Options:
   return options
 
 
-def train_batches(data: Data, config, start_step: int = 0) -> Iterator[dict]:
-  """This process's part of the global training batch of every step from `start_step` on: one
-  tf.data iterator over all epochs, epoch e ordered and augmented by (seed, e)."""
+def train_batches(data: Data, config, per_epoch: int, start_step: int = 0) -> Iterator[dict]:
+  """This process's part of the global training batch of every step from `start_step` on, with
+  `per_epoch` steps (`steps_per_epoch`) an epoch: one tf.data iterator over all epochs, epoch e
+  ordered and augmented by (seed, e)."""
   local_batch = config.batch_size // jax.process_count()
-  per_epoch = steps_per_epoch(data, config.batch_size)
   first_epoch, offset = divmod(start_step, per_epoch)
   count = data.local_count('train')
   buffer = min(config.shuffle_buffer, count)
@@ -386,7 +383,8 @@ def eval_batches(data: Data, config) -> Iterator[dict]:
 
 def benchmark(config, steps: int) -> float:
   """Host images/s of the training pipeline over `steps` batches after a warm-up batch."""
-  batches = train_batches(load(config), config)
+  data = load(config)
+  batches = train_batches(data, config, steps_per_epoch(data, config.batch_size))
   next(batches)
   start = time.perf_counter()
   for _ in range(steps):

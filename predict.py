@@ -23,7 +23,7 @@ import tensorflow as tf
 
 import input_pipeline
 import models
-import train
+import workdirs
 
 IMAGENET_NAMES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
                               'imagenet2012_names.txt')
@@ -48,7 +48,7 @@ def class_names(config) -> Optional[list[str]]:
 def load(workdir: str, ema: bool = False):
   """(config, a function from a batch of preprocessed images to probabilities over the data
   set's labels) for the latest checkpoint in `workdir`."""
-  config, variables = train.load_for_inference(workdir, ema)
+  config, variables = workdirs.load_for_inference(workdir, ema)
   model = models.get_model(config)
 
   @jax.jit

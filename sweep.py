@@ -27,12 +27,15 @@ from typing import Any, Optional
 
 from absl import app
 from absl import flags
+from flax.traverse_util import flatten_dict
 import ml_collections
 from ml_collections import config_flags
 
 import complexity
+from configs import default
+import hugepages
 import models
-import train
+import workdirs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PUBLISHED = os.path.join(ROOT, 'configs', 'sweeps', 'published_imagenet.csv')
@@ -83,22 +86,11 @@ def load_config(base: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
-def _parent(config: ml_collections.ConfigDict, field: str):
-  """(the ConfigDict holding `field`, its last key), e.g. (config.model, 'alpha')."""
-  *parents, last = field.split('.')
-  node = config
-  for key in parents:
-    node = node.get(key)
-    if not isinstance(node, ml_collections.ConfigDict):
-      break
-  if not isinstance(node, ml_collections.ConfigDict) or last not in node:
-    raise ValueError(f'Sweep axis {field!r} is not a config field.')
-  return node, last
-
-
 def set_field(config: ml_collections.ConfigDict, field: str, value) -> None:
-  node, last = _parent(config, field)
-  node[last] = type(node[last])(value) if isinstance(node[last], float) else value
+  try:
+    default.set_field(config, field, value)
+  except ValueError as e:
+    raise ValueError(f'Sweep axis {e}') from None
 
 
 def run_name(config: ml_collections.ConfigDict, fields) -> str:
@@ -108,8 +100,8 @@ def run_name(config: ml_collections.ConfigDict, fields) -> str:
     identity.insert(0, 'model.groups')
   parts = [config.model.name]
   for field in identity + [f for f in fields if f not in identity]:
-    node, last = _parent(config, field)
-    parts.append(f'{SHORT_NAMES.get(field, last)}{_format(node[last])}')
+    short_name = SHORT_NAMES.get(field, field.split('.')[-1])
+    parts.append(f'{short_name}{_format(default.get_field(config, field))}')
   return '-'.join(parts)
 
 
@@ -151,30 +143,19 @@ def check_points(points: list[Point]) -> None:
       raise ValueError(f'Sweep point {point.name}: {e}') from e
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
 def check_workdir(points: list[Point], workdir: str) -> None:
   """Stops a sweep whose points already ran in `workdir` with other settings, which would
   otherwise be skipped or resumed as if they were this sweep's."""
   for point in points:
-    path = os.path.join(workdir, point.name, 'config.json')
-    if not os.path.exists(path):
+    run_dir = os.path.join(workdir, point.name)
+    if not os.path.exists(os.path.join(run_dir, 'config.json')):
       continue
-    with open(path) as f:
-      saved = _flatten(json.load(f))
-    current = _flatten(json.loads(point.config().to_json_best_effort()))
+    saved = flatten_dict(workdirs.read_config(run_dir), sep='.')
+    current = flatten_dict(workdirs.config_as_dict(point.config()), sep='.')
     changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if changed:
       raise ValueError(
-          f'{os.path.dirname(path)} holds a run of {point.name} with other settings '
+          f'{run_dir} holds a run of {point.name} with other settings '
           f'({", ".join(changed)}): use a new --workdir, or the sweep file that made it.')
 
 
@@ -199,7 +180,7 @@ def run_point(point: Point, workdir: str, command: list[str]) -> str:
     os.remove(failed_marker)
   with open(os.path.join(run_dir, 'train.log'), 'a') as log:
     returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                 env=train.environ_with_huge_pages())
+                                 env=hugepages.environ_with_huge_pages())
   if returncode != 0 or status(run_dir) != 'done':
     with open(failed_marker, 'w') as f:
       f.write(f'exit status {returncode}\n')
@@ -226,7 +207,7 @@ def save_plan(points: list[Point], workdir: str, complexities: Optional[dict] = 
                          'groups': config.model.get('groups'), 'image_size': config.image_size,
                          'dataset': config.dataset}
     plan.append(entry)
-  train.write_json_atomic(path, {'points': plan})
+  workdirs.write_json_atomic(path, {'points': plan})
 
 
 def collect(workdir: str) -> list[dict]:

@@ -41,6 +41,6 @@ def get_config(arg=None):
   config.weight_decay = 5e-4
   config.label_smoothing = 0.0
   config.log_every_steps = 100
-  config.eval_every_steps = 1955  # every 5 epochs
-  config.checkpoint_every_steps = 1955
+  config.eval_every_epochs = 5.0
+  config.checkpoint_every_epochs = 5.0
   return config

@@ -1,10 +1,30 @@
-"""Defaults shared by every config, and the parser for the short argument strings.
+"""Defaults shared by every config, the parser for the short argument strings and the one way to
+read and write a dotted field ('model.alpha').
 
 A config file's `get_config(arg)` receives what follows the colon in
 `--config=configs/mobilenet_v2.py:alpha=0.5,res=160`; `parse_arg` turns it into typed values.
 """
 
 import ml_collections
+from ml_collections.config_flags import config_path
+
+
+def get_field(config, field: str, default=None):
+  """The value of the dotted `field` of a ConfigDict or of a dict read from config.json;
+  `default` where it has no such field."""
+  try:
+    return config_path.get_value(field, config)
+  except (KeyError, AttributeError):
+    return default
+
+
+def set_field(config: ml_collections.ConfigDict, field: str, value, create: bool = False) -> None:
+  """Sets the dotted `field` (a float field takes ints, a tuple field lists); ValueError if it is
+  not a field of `config` and `create` is False."""
+  try:
+    config_path.set_value(field, config, value, accept_new_attributes=create)
+  except (KeyError, AttributeError) as e:
+    raise ValueError(f'{field!r} is not a config field.') from e
 
 
 def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
@@ -95,6 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_split = 'train'
   config.eval_split = 'validation'
   config.cache = False  # decode the splits once into host memory (small data sets)
+  # Where the original Fashion-MNIST IDX files are ('fashion_mnist' is prepared from them offline).
+  config.fashion_mnist_files = '/usr/share/datasets/fashion-mnist'
   config.folder_eval_fraction = 0.1  # 'folder:' data sets: share of each class held out
   config.synthetic_train_examples = 512
   config.synthetic_eval_examples = 100
@@ -146,10 +168,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_only = False
   config.init_from = ''
 
-  # Logging, evaluation and checkpoints (in steps).
+  # Logging (in steps), evaluation and checkpoints (in epochs; the *_steps fields, when > 0,
+  # override them). Every run also evaluates and checkpoints its last step.
   config.log_every_steps = 50
-  config.eval_every_steps = 1000
-  config.checkpoint_every_steps = 1000
+  config.eval_every_epochs = 1.0
+  config.eval_every_steps = -1
+  config.checkpoint_every_epochs = 1.0
+  config.checkpoint_every_steps = -1
   config.keep_checkpoints = 3
   config.seed = 0
   return config

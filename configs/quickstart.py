@@ -46,7 +46,5 @@ def get_config(arg=None):
   config.weight_decay = 5e-5
   config.label_smoothing = 0.1
 
-  config.log_every_steps = 100
-  config.eval_every_steps = 468  # once an epoch
-  config.checkpoint_every_steps = 468
+  config.log_every_steps = 100  # evaluation and checkpoints: once an epoch (the default)
   return config

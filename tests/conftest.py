@@ -1,5 +1,8 @@
-"""Test set-up: eight simulated CPU devices (set before jax is imported), a persistent compilation
-cache shared by the test processes, and quiet TensorFlow."""
+"""Shared test set-up: eight simulated CPU devices (set before jax is imported), a persistent
+compilation cache shared by the test processes, quiet TensorFlow, the project root, the tiny
+synthetic training config and a fixture that builds a train state and its pmapped step.
+
+`pytest -m "not slow"` leaves out the tests that start train.py or sweep.py processes."""
 
 import os
 import tempfile
@@ -10,3 +13,68 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(),
                                                                 'mobilenets-test-jax-cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# MobileNet V1 0.25 at 32 px on 64 synthetic examples of 4 classes: 12 steps of batch 16, with
+# every feature of the loop on (EMA, label smoothing, augmentation, eval and checkpoints).
+TINY_BASE = 'configs/mobilenet_v1.py:alpha=0.25,res=32'
+TINY = {
+    'dataset': 'synthetic', 'num_classes': 4, 'synthetic_train_examples': 64,
+    'synthetic_eval_examples': 20, 'batch_size': 16, 'eval_batch_size': 16,
+    'model.dropout_rate': 0.0, 'model.bn_momentum': 0.9, 'num_train_steps': 12,
+    'log_every_steps': 2, 'eval_every_steps': 6, 'checkpoint_every_steps': 3,
+    'optimizer': 'sgd', 'learning_rate': 0.1, 'lr_reference_batch_size': 0, 'schedule': 'cosine',
+    'ema_decay': 0.5, 'label_smoothing': 0.1, 'augment': 'pad_crop', 'crop_padding': 2,
+}
+
+TINY_CONFIG_FILE = '''"""The tests' tiny training config (tests/conftest.py: TINY) as a config file."""
+from configs import default, mobilenet_v1
+
+
+def get_config(arg=None):
+  del arg
+  config = mobilenet_v1.get_config({arg!r})
+  for field, value in {settings!r}.items():
+    default.set_field(config, field, value)
+  return config
+'''
+
+
+def tiny_config(**overrides):
+  """The tiny config (TINY) with `overrides` ({'model.alpha': 0.5, ...} as keyword arguments)."""
+  from configs import mobilenet_v1  # pylint: disable=g-import-not-at-top
+  config = mobilenet_v1.get_config(TINY_BASE.partition(':')[2])
+  for field, value in {**TINY, **overrides}.items():
+    default.set_field(config, field, value)
+  return config
+
+
+def write_tiny_config_file(path, **overrides) -> str:
+  """Writes the tiny config with `overrides` as a config file at `path`; returns the path."""
+  with open(path, 'w') as f:
+    f.write(TINY_CONFIG_FILE.format(arg=TINY_BASE.partition(':')[2],
+                                    settings={**TINY, **overrides}))
+  return str(path)
+
+
+@pytest.fixture
+def train_state_and_step():
+  """A function of (config, devices=None) giving a fresh host TrainState of the config's model
+  and its train step pmapped over `devices` (all local devices by default)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+  import optimizers  # pylint: disable=g-import-not-at-top
+  import train  # pylint: disable=g-import-not-at-top
+
+  def build(config, devices=None):
+    train.check_config(config)
+    schedule = optimizers.create_schedule(config, 4, config.num_train_steps)
+    state = train.create_train_state(config, models.get_model(config, axis_name='batch'),
+                                     optimizers.create_optimizer(config, schedule))
+    return jax.device_get(state), train.pmap_train_step(config, schedule, devices)
+  return build

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ import pytest
 import complexity
 import models
 from configs import mobilenet_v1, mobilenet_v2, shufflenet
+from conftest import ROOT
 
 
 def _count(config):
@@ -145,19 +145,19 @@ def test_counter_agrees_with_brute_force_on_a_tiny_model():
       v['kernel'].size for v in variables['params'].values())
 
 
+@pytest.mark.slow
 def test_command_line_json_and_table():
   command = [sys.executable, 'complexity.py', '--config=configs/mobilenet_v2.py',
              '--config.model.alpha=0.5', '--config.image_size=160']
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run(command + ['--json'], cwd=root, capture_output=True, text=True, check=True)
+  out = subprocess.run(command + ['--json'], cwd=ROOT, capture_output=True, text=True, check=True)
   summary = json.loads(out.stdout)
   expected = _count(mobilenet_v2.get_config('alpha=0.5,res=160'))
   assert summary['macs'] == expected.macs and summary['params'] == expected.params
   assert summary['params_weights'] == expected.params_weights
   assert (summary['model'], summary['alpha'], summary['image_size'], summary['num_classes']) == (
       'mobilenet_v2', 0.5, 160, 1000)
-  table = subprocess.run(command, cwd=root, capture_output=True, text=True, check=True).stdout
+  table = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
   assert 'block1/depthwise/conv' in table and 'depthwise' in table and 'MAdds:' in table
   bad = subprocess.run([sys.executable, 'complexity.py', '--config=configs/shufflenet.py:groups=5'],
-                       cwd=root, capture_output=True, text=True)
+                       cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode != 0 and 'model.groups must be one of' in bad.stderr

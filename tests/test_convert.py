@@ -21,6 +21,9 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
+import torch
+from pytorchcv.models import shufflenet as pytorchcv_shufflenet
+from pytorchcv.models.common import tutti as pytorchcv_tutti
 
 import convert
 import converters
@@ -28,14 +31,11 @@ import input_pipeline
 import models
 import predict
 import train
+import workdirs
 from configs import mobilenet_v1, mobilenet_v2, shufflenet
-from test_train import tiny_config
+from conftest import ROOT, tiny_config
 
-torch = pytest.importorskip('torch')
-pytorchcv_shufflenet = pytest.importorskip('pytorchcv.models.shufflenet')
-pytorchcv_tutti = pytest.importorskip('pytorchcv.models.common.tutti')
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {'mobilenet_v1': mobilenet_v1, 'mobilenet_v2': mobilenet_v2}
 
 
@@ -97,8 +97,8 @@ def write_slim_checkpoint(keras_model, model_name, prefix):
 
 
 def converted_logits(workdir, images):
-  config = ml_collections.ConfigDict(train.read_run_config(workdir))
-  variables, _ = train.restore_variables(workdir)
+  config = ml_collections.ConfigDict(workdirs.read_config(workdir))
+  variables, _ = workdirs.restore_variables(workdir)
   model = models.get_model(config)
   logits = jax.jit(functools.partial(model.apply, train=False))(
       {'params': variables['params'], 'batch_stats': variables['batch_stats']}, images)
@@ -196,11 +196,6 @@ def test_pytorchcv_shufflenet_weights_give_pytorchcv_logits(groups, scale, tmp_p
   assert np.abs(np.asarray(official) - expected).max() > 1e-2 * np.abs(expected).max()
 
 
-def test_pytorchcv_cannot_build_g8_at_half_width():
-  with pytest.raises(ValueError, match='divisible by groups'):
-    pytorchcv_shufflenet.get_shufflenet(groups=8, width_scale=0.5)
-
-
 @pytest.mark.filterwarnings('ignore::UserWarning')  # Keras reports each layer it cannot load
 def test_mismatched_weights_are_one_clear_error_and_write_nothing(tmp_path):
   config = mobilenet_v1.get_config('alpha=0.5,res=128')
@@ -253,6 +248,7 @@ def write_png(path, seed, size):
   return pixels
 
 
+@pytest.mark.slow
 def test_converted_workdir_evaluates_fine_tunes_predicts_and_exports(tmp_path):
   config = tiny_config(num_classes=4)
   peer = randomize_keras(converters.keras_application(config), seed=3)
@@ -280,8 +276,8 @@ def test_converted_workdir_evaluates_fine_tunes_predicts_and_exports(tmp_path):
   tuned = str(tmp_path / 'tuned')
   train.train_and_evaluate(tiny_config(init_from=workdir, num_classes=3, learning_rate=1e-9,
                                        num_train_steps=3, ema_decay=0.0), tuned)
-  start = flax.traverse_util.flatten_dict(train.restore_variables(workdir)[0]['params'])
-  end, step = train.restore_variables(tuned)
+  start = flax.traverse_util.flatten_dict(workdirs.restore_variables(workdir)[0]['params'])
+  end, step = workdirs.restore_variables(tuned)
   assert step == 3 and os.path.exists(os.path.join(tuned, 'results.json'))
   for name, value in flax.traverse_util.flatten_dict(end['params']).items():
     if name[0] == 'head':

@@ -12,9 +12,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import input_pipeline
-from configs import cifar10, mobilenet_v2, quickstart
+from configs import cifar10, default, mobilenet_v2, quickstart
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = jax.local_device_count()
 
 
@@ -22,6 +22,11 @@ def _config(base, **overrides):
   for key, value in overrides.items():
     base[key] = value
   return base
+
+
+def _train_batches(data, config, start_step=0):
+  per_epoch = input_pipeline.steps_per_epoch(data, config.batch_size)
+  return input_pipeline.train_batches(data, config, per_epoch, start_step)
 
 
 def _eval_examples(data, config):
@@ -42,7 +47,7 @@ def test_imagenet_path_on_mock_data(image_size):
                    eval_batch_size=16, download=True, shuffle_buffer=64)
   with tfds.testing.mock_data(num_examples=21):
     data = input_pipeline.load(config)
-    batch = next(input_pipeline.train_batches(data, config))
+    batch = next(_train_batches(data, config))
     assert batch['image'].shape == (DEVICES, 16 // DEVICES, image_size, image_size, 3)
     assert batch['image'].dtype == np.float32 and batch['label'].dtype == np.int64
     assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
@@ -52,15 +57,20 @@ def test_imagenet_path_on_mock_data(image_size):
   assert len(expected) == 21 and labels == expected  # each example exactly once, in order
 
 
-def test_cifar10_path_on_mock_data():
+# cache=True (the quickstart's and CIFAR-10's setting) decodes each split into memory once.
+@pytest.mark.parametrize('cache', [True, False])
+def test_cifar10_path_on_mock_data(cache):
   config = _config(cifar10.get_config(), batch_size=16, eval_batch_size=24, download=True,
-                   cache=False)
+                   cache=cache)
   with tfds.testing.mock_data(num_examples=30):
     data = input_pipeline.load(config)
-    batch = next(input_pipeline.train_batches(data, config))
+    assert (data.arrays('train') is not None) == cache
+    batch = next(_train_batches(data, config))
     assert batch['image'].shape == (DEVICES, 2, 32, 32, 3)
     labels, padding = _eval_examples(data, config)
-  assert len(labels) == 30 and padding % 24 == 18  # 30 examples in batches of 24
+    streamed = [int(e['label']) for e in
+                input_pipeline.load(_config(config, cache=False)).examples('eval')]
+  assert labels == streamed and padding % 24 == 18  # 30 examples in batches of 24
 
 
 # A buffer that holds the whole split permutes in-memory examples by index; a smaller one streams.
@@ -69,10 +79,10 @@ def test_train_order_is_a_function_of_the_step(shuffle_buffer):
   config = _config(quickstart.get_config(), dataset='synthetic', image_size=32, num_classes=4,
                    synthetic_train_examples=64, batch_size=16, shuffle_buffer=shuffle_buffer)
   data = input_pipeline.load(config)
-  stream = input_pipeline.train_batches(data, config)
+  stream = _train_batches(data, config)
   first = [next(stream) for _ in range(7)]  # 4 steps per epoch: crosses an epoch boundary
   for start in (3, 5):
-    resumed = next(input_pipeline.train_batches(data, config, start_step=start))
+    resumed = next(_train_batches(data, config, start))
     for key in ('image', 'label'):
       np.testing.assert_array_equal(resumed[key], first[start][key])
   assert not np.array_equal(first[0]['label'], first[4]['label'])  # epochs are reshuffled
@@ -135,15 +145,18 @@ def test_fashion_mnist_from_local_idx_files(tmp_path):
   assert batch['image'].shape == (DEVICES, 1, 32, 32, 3)  # grayscale 28 px -> RGB 32 px
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(input_pipeline.FASHION_MNIST_FILES,
+FASHION_MNIST_FILES = default.get_config().fashion_mnist_files
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(FASHION_MNIST_FILES,
                                                     'train-images-idx3-ubyte.gz')),
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_debian_fashion_mnist_files():
   for prefix, n in (('train', 60_000), ('t10k', 10_000)):
     images = input_pipeline.read_idx(
-        os.path.join(input_pipeline.FASHION_MNIST_FILES, f'{prefix}-images-idx3-ubyte.gz'))
+        os.path.join(FASHION_MNIST_FILES, f'{prefix}-images-idx3-ubyte.gz'))
     labels = input_pipeline.read_idx(
-        os.path.join(input_pipeline.FASHION_MNIST_FILES, f'{prefix}-labels-idx1-ubyte.gz'))
+        os.path.join(FASHION_MNIST_FILES, f'{prefix}-labels-idx1-ubyte.gz'))
     assert images.shape == (n, 28, 28) and labels.shape == (n,)
     assert sorted(np.unique(labels)) == list(range(10))
 
@@ -175,7 +188,7 @@ def test_image_folder_dataset(tmp_path):
                    num_classes=3, batch_size=8, eval_batch_size=8, folder_eval_fraction=0.3)
   data = input_pipeline.load(config)
   assert data.num_train + data.num_eval == total and 0 < data.num_eval < total
-  batch = next(input_pipeline.train_batches(data, config))
+  batch = next(_train_batches(data, config))
   assert batch['image'].shape == (DEVICES, 1, 32, 32, 3)
   labels, _ = _eval_examples(data, config)
   assert len(labels) == data.num_eval and set(labels) <= {0, 1, 2}
@@ -235,6 +248,7 @@ def test_missing_dataset_error(tmp_path):
     input_pipeline.load(_config(config, dataset='imagenet2013'))
 
 
+@pytest.mark.slow
 def test_bench_command():
   out = subprocess.run(
       [sys.executable, 'input_pipeline.py', '--config=configs/quickstart.py', '--bench',

@@ -12,33 +12,9 @@ import ml_collections
 import pytest
 
 import sweep
+from conftest import ROOT, write_tiny_config_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_SWEEPS = sorted(glob.glob(os.path.join(ROOT, 'configs', 'sweeps', '*_paper.py')))
-
-# A base config that trains a few steps on synthetic data.
-TINY_BASE = '''
-from configs import mobilenet_v1
-
-def get_config(arg=None):
-  config = mobilenet_v1.get_config('alpha=0.25,res=32')
-  config.dataset = 'synthetic'
-  config.num_classes = 4
-  config.synthetic_train_examples = 64
-  config.synthetic_eval_examples = 20
-  config.batch_size = 16
-  config.eval_batch_size = 16
-  config.num_train_steps = 6
-  config.optimizer = 'sgd'
-  config.learning_rate = 0.1
-  config.lr_reference_batch_size = 0
-  config.schedule = 'cosine'
-  config.augment = 'pad_crop'
-  config.log_every_steps = 3
-  config.eval_every_steps = 6
-  config.checkpoint_every_steps = 3
-  return config
-'''
 
 
 def sweep_config(*groups, overrides=()):
@@ -48,12 +24,8 @@ def sweep_config(*groups, overrides=()):
   return config
 
 
-def load_sweep(path):
-  return sweep.load_config(path)
-
-
 def test_paper_sweeps_expand_to_the_papers_grids():
-  points = {os.path.basename(p): sweep.expand(load_sweep(p)) for p in PAPER_SWEEPS}
+  points = {os.path.basename(p): sweep.expand(sweep.load_config(p)) for p in PAPER_SWEEPS}
   v1 = [p.name for p in points['mobilenet_v1_paper.py']]
   assert len(v1) == 16 and v1[0] == 'mobilenet_v1-a1-r224' and v1[-1] == 'mobilenet_v1-a0.25-r128'
   v2 = [p.name for p in points['mobilenet_v2_paper.py']]
@@ -130,6 +102,7 @@ def _sweep_cli(*args):
                         text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_complexity_only_fills_the_table_without_training(tmp_path):
   out = tmp_path / 'v1'
   result = _sweep_cli('--config=configs/sweeps/mobilenet_v1_paper.py', f'--workdir={out}',
@@ -147,9 +120,9 @@ def test_complexity_only_fills_the_table_without_training(tmp_path):
   assert not any((out / r['run']).exists() for r in rows)  # nothing trained
 
 
+@pytest.mark.slow
 def test_sweep_runs_skips_resumes_reports_failures_and_collects(tmp_path):
-  (tmp_path / 'tiny.py').write_text(TINY_BASE)
-  base = str(tmp_path / 'tiny.py')
+  base = write_tiny_config_file(tmp_path / 'tiny.py', num_train_steps=6)
   (tmp_path / 'sweep_file.py').write_text(f'''
 import ml_collections
 
@@ -200,8 +173,9 @@ def get_config():
   assert (out / 'results.csv').exists()
 
 
+@pytest.mark.slow
 def test_dry_run_commands_run_when_copied(tmp_path):
-  (tmp_path / 'tiny.py').write_text(TINY_BASE)
+  write_tiny_config_file(tmp_path / 'tiny.py')
   (tmp_path / 'sweep_file.py').write_text(f'''
 import ml_collections
 

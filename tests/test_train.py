@@ -1,4 +1,4 @@
-"""The training loop: device-count invariance, exact resume, outputs, optimisers and bad input."""
+"""The training loop: device-count invariance, exact resume, outputs, intervals and bad input."""
 
 import functools
 import json
@@ -18,30 +18,10 @@ import pytest
 
 import input_pipeline
 import models
-import optimizers
 import train
-from configs import mobilenet_v1, mobilenet_v2, shufflenet
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {
-    'dataset': 'synthetic', 'num_classes': 4, 'synthetic_train_examples': 64,
-    'synthetic_eval_examples': 20, 'batch_size': 16, 'eval_batch_size': 16,
-    'model.dropout_rate': 0.0, 'model.bn_momentum': 0.9, 'num_train_steps': 12,
-    'log_every_steps': 2, 'eval_every_steps': 6, 'checkpoint_every_steps': 3,
-    'optimizer': 'sgd', 'learning_rate': 0.1, 'lr_reference_batch_size': 0, 'schedule': 'cosine',
-    'ema_decay': 0.5, 'label_smoothing': 0.1, 'augment': 'pad_crop', 'crop_padding': 2,
-}
-
-
-def tiny_config(**overrides):
-  config = mobilenet_v1.get_config('alpha=0.25,res=32')
-  for key, value in {**TINY, **overrides}.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+import workdirs
+from configs import cifar10, quickstart
+from conftest import ROOT, TINY, TINY_BASE, tiny_config
 
 
 def _read_jsonl(path):
@@ -54,18 +34,14 @@ def _latest_state(workdir):
   return manager.latest_step(), manager.restore(manager.latest_step())
 
 
-def test_one_step_on_8_devices_equals_1_device():
+def test_one_step_on_8_devices_equals_1_device(train_state_and_step):
   config = tiny_config(optimizer='rmsprop', weight_decay=1e-3)
-  model = train.check_config(config)
-  schedule = optimizers.create_schedule(config, 4, 12)
-  state = train.create_train_state(config, model, optimizers.create_optimizer(config, schedule))
-  batch = next(input_pipeline.train_batches(input_pipeline.load(config), config))
+  data = input_pipeline.load(config)
+  batch = next(input_pipeline.train_batches(data, config, 4))
   batch = jax.tree.map(lambda x: x.reshape(16, *x.shape[2:]), batch)
   results = []
   for n in (8, 1):
-    step = jax.pmap(functools.partial(train.train_step, schedule=schedule, config=config,
-                                      dropout_key=jax.random.key(0)),
-                    axis_name='batch', devices=jax.local_devices()[:n])
+    state, step = train_state_and_step(config, jax.local_devices()[:n])
     sharded = jax.tree.map(lambda x, n=n: x.reshape(n, -1, *x.shape[1:]), batch)
     new_state, metrics = step(flax.jax_utils.replicate(state, jax.local_devices()[:n]), sharded)
     first = functools.partial(jax.tree.map, lambda x: np.asarray(x)[0])
@@ -79,8 +55,7 @@ def test_one_step_on_8_devices_equals_1_device():
 
 
 def _command(workdir, **overrides):
-  args = [sys.executable, 'train.py', '--config=configs/mobilenet_v1.py:alpha=0.25,res=32',
-          f'--workdir={workdir}']
+  args = [sys.executable, 'train.py', f'--config={TINY_BASE}', f'--workdir={workdir}']
   return args + [f'--config.{k}={v}' for k, v in {**TINY, **overrides}.items()]
 
 
@@ -115,6 +90,29 @@ def test_run_outputs_and_loss_decreases(uninterrupted):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['12', '6', '9']
 
 
+def test_intervals_in_epochs_become_steps():
+  # Fashion-MNIST at batch 128 has 468 steps an epoch, CIFAR-10 390.
+  for name in ('eval', 'checkpoint'):
+    assert train.interval_steps(quickstart.get_config(), name, 468) == 468
+    assert train.interval_steps(cifar10.get_config(), name, 390) == 1950
+  def eval_interval(steps, epochs):
+    config = tiny_config(eval_every_steps=steps, eval_every_epochs=epochs)
+    return train.interval_steps(config, 'eval', 4)
+  assert eval_interval(-1, 0.5) == 2
+  assert eval_interval(6, 0.5) == 6  # steps, where given, override epochs
+  assert eval_interval(-1, 0.01) == 1
+
+
+def test_a_run_evaluates_and_checkpoints_by_epochs(tmp_path):
+  config = tiny_config(num_train_steps=8, eval_every_steps=-1, eval_every_epochs=1.0,
+                       checkpoint_every_steps=-1, checkpoint_every_epochs=0.5)
+  train.train_and_evaluate(config, str(tmp_path))  # 64 examples in batches of 16: 4 steps
+  evals = [l['step'] for l in _read_jsonl(tmp_path / 'metrics.jsonl') if l['split'] == 'eval']
+  assert evals == [4, 8]
+  assert ocp.CheckpointManager(tmp_path / 'checkpoints').all_steps() == [4, 6, 8]
+
+
+@pytest.mark.slow
 def test_kill_9_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
   reference_dir, _ = uninterrupted
   workdir = str(tmp_path / 'resumed')
@@ -164,19 +162,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ({'schedule': 'step'}, "Unknown schedule 'step'; valid: exponential, cosine, linear"),
     ({'weight_decay_type': 'l1'}, "Unknown weight_decay_type 'l1'"),
     ({'model.alpha': 0.0}, 'model.alpha must be > 0'),
+    ({'eval_every_steps': -1, 'eval_every_epochs': 0.0}, 'eval_every_epochs must be > 0'),
+    ({'checkpoint_every_steps': 0, 'checkpoint_every_epochs': -1.0},
+     'checkpoint_every_epochs must be > 0'),
     ({'dataset': 'mnist'}, "Dataset 'mnist' is not prepared in"),
 ])
-def test_bad_config_fails_before_compiling(tmp_path, overrides, message):
-  config = tiny_config(**overrides)
-  with config.unlocked():
-    config.data_dir = str(tmp_path / 'no_data')
-  start = time.time()
+def test_bad_config_fails_before_compiling(tmp_path, monkeypatch, overrides, message):
+  config = tiny_config(data_dir=str(tmp_path / 'no_data'), **overrides)
+  def compile_anything(*args, **kwargs):
+    raise AssertionError('compiled before the bad setting was reported')
+  for name in ('jit', 'pmap'):
+    monkeypatch.setattr(jax, name, compile_anything)
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert time.time() - start < 10
-  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+  assert not os.path.exists(tmp_path / 'run')
 
 
+@pytest.mark.slow
 def test_command_line_errors(tmp_path):
   unknown = subprocess.run(_command(tmp_path, learning_rat=0.1), cwd=ROOT, capture_output=True,
                            text=True)
@@ -185,33 +187,6 @@ def test_command_line_errors(tmp_path):
   assert bad.returncode != 0
   assert bad.stderr.strip().endswith(
       'error: batch_size=12 must be a positive multiple of the 8 devices.')
-
-
-def test_restart_with_huge_pages(tmp_path, monkeypatch):
-  enabled = tmp_path / 'enabled'
-  monkeypatch.setattr(train, 'TRANSPARENT_HUGEPAGE', str(enabled))
-  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
-  restarts = []
-  monkeypatch.setattr(os, 'execve', lambda *args: restarts.append(args))
-  enabled.write_text('always [madvise] never\n')
-  train.restart_with_huge_pages()
-  assert restarts == [(sys.executable, sys.orig_argv,
-                       {**os.environ, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'})]
-  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=2')
-  assert train.environ_with_huge_pages()['GLIBC_TUNABLES'] == (
-      'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
-  # Nothing to do where the user chose a setting, where every mapping gets huge pages already
-  # ('always'), where there are none ('never') or no such kernel file.
-  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=0')
-  assert train.environ_with_huge_pages() is None
-  monkeypatch.delenv('GLIBC_TUNABLES')
-  for content in ('[always] madvise never', 'always madvise [never]'):
-    enabled.write_text(content)
-    assert train.environ_with_huge_pages() is None
-  enabled.unlink()
-  assert train.environ_with_huge_pages() is None
-  train.restart_with_huge_pages()
-  assert len(restarts) == 1
 
 
 def test_checkpoint_of_another_trainstate_is_a_clear_error(tmp_path):
@@ -233,65 +208,6 @@ def test_resume_with_a_different_model_is_refused(uninterrupted):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
 
 
-def test_weight_decay_mask_excludes_depthwise_batchnorm_and_biases():
-  config = mobilenet_v2.get_config('alpha=0.35,res=32')
-  model = models.get_model(config)
-  params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jnp.zeros((1, 32, 32, 3)))['params']
-  mask = flax.traverse_util.flatten_dict(
-      optimizers.weight_decay_mask(params, config.weight_decay_exclude), sep='/')
-  decayed = sorted(path for path, on in mask.items() if on)
-  assert decayed and all(path.endswith('kernel') and 'depthwise' not in path for path in decayed)
-  assert mask['block1/expand/conv/kernel'] and mask['head/classifier/kernel']
-  assert not mask['block1/depthwise/conv/kernel']
-  assert not mask['block1/expand/bn/scale'] and not mask['block1/expand/bn/bias']
-  assert not mask['head/classifier/bias']
-  # With zero gradients, only the decayed parameters move.
-  tx = optimizers.create_optimizer(tiny_config(weight_decay=0.1, ema_decay=0.0),
-                                   optax.constant_schedule(1.0))
-  values = jax.tree.map(jnp.ones_like, params)
-  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, values), tx.init(values), values)
-  for path, update in flax.traverse_util.flatten_dict(updates, sep='/').items():
-    assert bool(jnp.any(update != 0)) == mask[path], path
-
-
-def test_rmsprop_is_tensorflows_form():
-  """TF: ms = rho * ms + (1 - rho) g^2 with ms0 = 1; mom = m * mom + lr * g / sqrt(ms + eps)."""
-  config = tiny_config(optimizer='rmsprop', weight_decay=0.0)
-  tx = optimizers.create_optimizer(config, optax.constant_schedule(0.1))
-  params = {'w': jnp.array([1.0, -2.0])}
-  state = tx.init(params)
-  ms, mom, p = np.ones(2), np.zeros(2), np.array([1.0, -2.0])
-  for g in (np.array([0.5, -1.0]), np.array([2.0, 0.25])):
-    updates, state = tx.update({'w': jnp.asarray(g, jnp.float32)}, state, params)
-    params = optax.apply_updates(params, updates)
-    ms = 0.9 * ms + 0.1 * g**2
-    mom = 0.9 * mom + 0.1 * g / np.sqrt(ms + 1.0)
-    p = p - mom
-  np.testing.assert_allclose(params['w'], p, rtol=1e-6)
-
-
-def test_learning_rate_schedules():
-  config = tiny_config(schedule='exponential', learning_rate=0.045, lr_decay_rate=0.94,
-                       lr_decay_epochs=2.5, lr_staircase=True, warmup_epochs=1.0)
-  schedule = optimizers.create_schedule(config, steps_per_epoch=10, total_steps=100)
-  assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.0225)
-  assert float(schedule(10)) == pytest.approx(0.045)
-  assert float(schedule(34)) == pytest.approx(0.045)  # staircase: constant for 2.5 epochs
-  assert float(schedule(35)) == pytest.approx(0.045 * 0.94)
-  config = tiny_config(schedule='exponential', lr_decay_rate=0.98, lr_decay_epochs=1.0,
-                       lr_staircase=False, learning_rate=0.1)
-  schedule = optimizers.create_schedule(config, steps_per_epoch=10, total_steps=100)
-  assert float(schedule(15)) == pytest.approx(0.1 * 0.98**1.5)
-  config = tiny_config(schedule='linear', learning_rate=0.5)
-  schedule = optimizers.create_schedule(config, steps_per_epoch=10, total_steps=100)
-  assert float(schedule(50)) == pytest.approx(0.25) and float(schedule(100)) == 0.0
-  config = tiny_config(schedule='cosine', learning_rate=0.2, lr_reference_batch_size=32)
-  schedule = optimizers.create_schedule(config, steps_per_epoch=10, total_steps=100)
-  assert float(schedule(0)) == pytest.approx(0.1)  # scaled by batch 16 / 32
-  assert float(schedule(50)) == pytest.approx(0.05) and float(schedule(100)) == pytest.approx(0.0)
-
-
 def test_eval_batches_cover_every_example_once():
   config = tiny_config()
   data = input_pipeline.load(config)
@@ -304,15 +220,11 @@ def test_eval_batches_cover_every_example_once():
   assert sorted(seen) == sorted(labels) and len(seen) == 20
 
 
-def test_half_precision_step_keeps_float32_state():
+def test_half_precision_step_keeps_float32_state(train_state_and_step):
   config = tiny_config(half_precision=True)
-  model = train.check_config(config)
-  assert model.dtype == jnp.bfloat16
-  schedule = optimizers.create_schedule(config, 4, 12)
-  state = train.create_train_state(config, model, optimizers.create_optimizer(config, schedule))
-  batch = next(input_pipeline.train_batches(input_pipeline.load(config), config))
-  step = jax.pmap(functools.partial(train.train_step, schedule=schedule, config=config,
-                                    dropout_key=jax.random.key(0)), axis_name='batch')
+  assert models.get_model(config).dtype == jnp.bfloat16
+  state, step = train_state_and_step(config)
+  batch = next(input_pipeline.train_batches(input_pipeline.load(config), config, 4))
   new_state, metrics = step(flax.jax_utils.replicate(state), batch)
   for tree in (new_state.params, new_state.batch_stats, new_state.opt_state, new_state.ema_params):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tree)
@@ -320,17 +232,13 @@ def test_half_precision_step_keeps_float32_state():
   assert np.isfinite(float(metrics['loss'][0]))
 
 
-def test_ema_averages_weights_and_batchnorm_statistics_with_tf_warmup():
+def test_ema_averages_weights_and_batchnorm_statistics_with_tf_warmup(train_state_and_step):
   """ema = d * ema + (1 - d) * new for the weights and the BatchNorm statistics, with TF's
   d = min(ema_decay, (1 + step) / (10 + step)); evaluation uses both averages."""
   config = tiny_config(ema_decay=0.99)
-  model = train.check_config(config)
-  schedule = optimizers.create_schedule(config, 4, 12)
-  state = train.create_train_state(config, model, optimizers.create_optimizer(config, schedule))
+  state, step = train_state_and_step(config)
   data = input_pipeline.load(config)
-  batch = next(input_pipeline.train_batches(data, config))
-  step = jax.pmap(functools.partial(train.train_step, schedule=schedule, config=config,
-                                    dropout_key=jax.random.key(0)), axis_name='batch')
+  batch = next(input_pipeline.train_batches(data, config, 4))
   new = flax.jax_utils.unreplicate(step(flax.jax_utils.replicate(state), batch)[0])
   decay = 1 / 10  # step 0
   for old, current, ema in ((state.params, new.params, new.ema_params),
@@ -340,7 +248,7 @@ def test_ema_averages_weights_and_batchnorm_statistics_with_tf_warmup():
   first_mean = lambda stats: jax.tree.leaves(stats)[0]
   assert not np.allclose(first_mean(new.batch_stats), first_mean(state.batch_stats))
 
-  p_eval = jax.pmap(train.eval_step, axis_name='batch')
+  p_eval = train.pmap_eval_step(config)
   eval_batch = next(input_pipeline.eval_batches(data, config))
   same = flax.jax_utils.unreplicate(p_eval(flax.jax_utils.replicate(
       new.replace(ema_params=new.params, ema_batch_stats=new.batch_stats)), eval_batch))
@@ -350,30 +258,16 @@ def test_ema_averages_weights_and_batchnorm_statistics_with_tf_warmup():
   assert stale['loss'] == same['loss'] and stale['ema_loss'] != same['loss']
 
 
-def test_configs_carry_the_paper_recipes():
-  v1, v2, shuffle = mobilenet_v1.get_config(), mobilenet_v2.get_config(), shufflenet.get_config()
-  assert (v1.optimizer, v1.learning_rate, v1.lr_decay_rate, v1.lr_decay_epochs) == (
-      'rmsprop', 0.045, 0.94, 2.5)
-  assert (v2.optimizer, v2.learning_rate, v2.lr_decay_rate, v2.label_smoothing, v2.ema_decay) == (
-      'rmsprop', 0.045, 0.98, 0.1, 0.9999)
-  assert (v1.weight_decay, v2.weight_decay, shuffle.weight_decay) == (4e-5, 4e-5, 4e-5)
-  assert (shuffle.optimizer, shuffle.learning_rate, shuffle.schedule, shuffle.batch_size,
-          shuffle.num_train_steps) == ('sgd', 0.5, 'linear', 1024, 300_000)
-  for config in (v1, v2, shuffle):
-    optimizers.check_config(config)
-
-
 def test_label_offset_skips_the_background_logit():
   """TF-slim's 1001-class models: label k is logit k + 1 (logit 0 is 'background')."""
   logits = jnp.array([[0.0, 5.0, 1.0], [0.0, 1.0, 5.0]])
-  state = train.TrainState.create(
-      apply_fn=lambda variables, images, train: logits, params={}, tx=optax.identity(),
-      batch_stats={}, ema_params=None, ema_batch_stats=None)
+  state = workdirs.new_train_state(lambda variables, images, train: logits,
+                                   {'params': {}, 'batch_stats': {}}, optax.identity(),
+                                   keep_ema=False)
   batch = {'image': np.zeros((1, 2, 1)), 'label': np.array([[0, 1]]), 'mask': np.ones((1, 2))}
   device = jax.local_devices()[:1]
   hits = {}
   for offset in (0, 1):
-    step = jax.pmap(functools.partial(train.eval_step, label_offset=offset), axis_name='batch',
-                    devices=device)
+    step = train.pmap_eval_step(tiny_config(label_offset=offset), devices=device)
     hits[offset] = float(step(flax.jax_utils.replicate(state, device), batch)['top1'][0])
   assert hits == {0: 0.0, 1: 2.0}
