@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from configs import default
 import models
 import optimizers
 import train
@@ -97,4 +98,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('warmup', 5, 'Untimed steps after compilation.')
   flags.DEFINE_bool('json', False, 'Print one JSON object.')
   flags.mark_flag_as_required('config')
-  app.run(main)
+  app.run(main, flags_parser=default.parse_flags)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
+from configs import default
 import converters
 import models
 import optimizers
@@ -65,7 +66,7 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, variables: di
   partial = os.path.abspath(workdir.rstrip('/') + '.partial')
   shutil.rmtree(partial, ignore_errors=True)
   os.makedirs(partial)
-  workdirs.write_config_once(partial, config)
+  workdirs.write_config(partial, config, changes={}, step=0)
   workdirs.write_json_atomic(os.path.join(partial, 'converted.json'), provenance)
   manager = workdirs.checkpoint_manager(partial)
   workdirs.save_train_state(manager, 0, state)
@@ -135,4 +136,4 @@ if __name__ == '__main__':
                       '.weights.h5 file instead of importing.')
   flags.DEFINE_bool('ema', False, 'Export the moving averages of the weights.')
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  app.run(main, flags_parser=default.parse_flags)

@@ -34,7 +34,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from configs import default
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+# The first bytes of the files tf.io.decode_image reads: JPEG, PNG, GIF and BMP.
+IMAGE_SIGNATURES = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF87a', b'GIF89a', b'BM')
 AUGMENTATIONS = ('inception_crop', 'pad_crop')
 
 
@@ -124,6 +128,17 @@ def _synthetic(config) -> Data:
                          for name, arrays in splits.items()})
 
 
+def check_image_file(path: str) -> None:
+  """ValueError naming `path` unless it can be read and starts like a JPEG, PNG, GIF or BMP."""
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(8)
+  except OSError as e:
+    raise ValueError(f'Cannot read {path} ({e.strerror}).') from None
+  if not head.startswith(IMAGE_SIGNATURES):
+    raise ValueError(f'{path} is not a JPEG, PNG, GIF or BMP image: remove it or replace it.')
+
+
 def _folder(config, root: str) -> Data:
   if not os.path.isdir(root):
     raise ValueError(f'Image folder {root!r} (from dataset={config.dataset!r}) does not exist.')
@@ -135,9 +150,11 @@ def _folder(config, root: str) -> Data:
   for label, name in enumerate(classes):
     for file in sorted(os.listdir(os.path.join(root, name))):
       if file.lower().endswith(IMAGE_EXTENSIONS):
+        path = os.path.join(root, name, file)
+        check_image_file(path)
         digest = int(hashlib.sha256(f'{name}/{file}'.encode()).hexdigest()[:8], 16)
         split = 'eval' if digest / 16**8 < config.folder_eval_fraction else 'train'
-        splits[split][0].append(os.path.join(root, name, file))
+        splits[split][0].append(path)
         splits[split][1].append(label)
   if config.num_classes != len(classes):
     raise ValueError(f'num_classes={config.num_classes}, but {root!r} has {len(classes)} class '
@@ -185,6 +202,8 @@ def _tfds(config) -> Data:
   """A prepared TFDS data set; with `config.cache`, both splits decoded into memory (and, for
   'pad_crop', resized to image_size) once."""
   data_dir = config.data_dir or None
+  if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise ValueError(f'data_dir={data_dir} is a file: give the TFDS data directory.')
   try:
     builder = tfds.builder(config.dataset, data_dir=data_dir)
   except Exception as e:  # tfds raises several error types for unknown names
@@ -195,7 +214,11 @@ def _tfds(config) -> Data:
         os.path.join(files, 'train-images-idx3-ubyte.gz')):
       builder = prepare_fashion_mnist(files, data_dir)
     elif config.download:
-      builder.download_and_prepare()
+      try:
+        builder.download_and_prepare()
+      except Exception as e:  # pylint: disable=broad-except  # network, disk, TFDS errors
+        raise ValueError(f'TFDS could not download and prepare {config.dataset!r} in '
+                         f'{builder.data_dir} ({type(e).__name__}: {e}).') from e
     else:
       raise _missing(config, builder)
   splits = {'train': config.train_split, 'eval': config.eval_split}
@@ -230,6 +253,21 @@ def load(config) -> Data:
   if config.dataset.startswith('folder:'):
     return _folder(config, config.dataset[len('folder:'):])
   return _tfds(config)
+
+
+def check_split_sizes(data: Data, config) -> None:
+  """ValueError unless every process has a global batch of training examples (anything less
+  would give epochs without a step) and there is something to evaluate."""
+  local_batch = config.batch_size // jax.process_count()
+  local = data.local_count('train')
+  if local < local_batch:
+    raise ValueError(
+        f'{data.name} has {data.num_train} training examples ({local} for this process), fewer '
+        f'than one batch of batch_size={config.batch_size} ({local_batch} per process): lower '
+        'batch_size or use more data.')
+  if data.num_eval == 0:
+    raise ValueError(f'{data.name} has no evaluation examples in eval_split={config.eval_split!r}'
+                     ' (folder: data sets, folder_eval_fraction): give it some.')
 
 
 def steps_per_epoch(data: Data, global_batch_size: int) -> int:
@@ -408,4 +446,4 @@ if __name__ == '__main__':
   flags.DEFINE_bool('bench', False, 'Measure the training pipeline in images/s.')
   flags.DEFINE_integer('steps', 50, 'Batches to time with --bench.')
   flags.mark_flag_as_required('config')
-  app.run(main)
+  app.run(main, flags_parser=default.parse_flags)

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from configs import default
 import input_pipeline
 import models
 import workdirs
@@ -65,15 +66,19 @@ def preprocess(path: str, config) -> np.ndarray:
 
 
 def predict(workdir: str, paths: list[str], top_k: int = 5, ema: bool = False) -> list[dict]:
-  """For each image: {'image', 'top': [{'label', 'probability', 'name'?}, ...]}."""
-  for path in paths:
-    if not os.path.isfile(path):
-      raise ValueError(f'{path} is not a file.')
+  """For each image: {'image', 'top': [{'label', 'probability', 'name'?}, ...]}, or {'image',
+  'error'} for a file that is not an image we can read."""
   config, probabilities = load(workdir, ema)
   names = class_names(config)
   results = []
   for path in paths:
-    probs = np.asarray(probabilities(preprocess(path, config)[None]))[0]
+    try:
+      input_pipeline.check_image_file(path)
+      image = preprocess(path, config)
+    except (ValueError, tf.errors.OpError) as e:
+      results.append({'image': path, 'error': str(e).strip().splitlines()[0]})
+      continue
+    probs = np.asarray(probabilities(image[None]))[0]
     top = np.argsort(-probs, kind='stable')[:top_k]
     results.append({'image': path, 'top': [
         {'label': int(k), 'probability': float(probs[k]),
@@ -87,16 +92,19 @@ def main(argv):
     raise app.UsageError('Give one or more image files after the flags.')
   try:
     results = predict(flags.FLAGS.workdir, paths, flags.FLAGS.top_k, flags.FLAGS.ema)
-  except (ValueError, tf.errors.InvalidArgumentError) as e:
+  except ValueError as e:
     raise SystemExit(f'error: {e}') from None
   if flags.FLAGS.json:
     json.dump(results, sys.stdout, indent=1)
     print()
-    return
-  for result in results:
-    print(result['image'])
-    for entry in result['top']:
-      print(f'  {entry["probability"]:7.2%}  {entry["label"]:4d}  {entry.get("name", "")}')
+  else:
+    for result in results:
+      print(result['image'])
+      for entry in result.get('top', ()):
+        print(f'  {entry["probability"]:7.2%}  {entry["label"]:4d}  {entry.get("name", "")}')
+  failed = [r for r in results if 'error' in r]
+  if failed:
+    raise SystemExit('\n'.join(f'error: {r["error"]}' for r in failed))
 
 
 if __name__ == '__main__':
@@ -105,4 +113,4 @@ if __name__ == '__main__':
   flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
   flags.DEFINE_bool('ema', False, 'Use the moving averages of the weights.')
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  app.run(main, flags_parser=default.parse_flags)

@@ -160,8 +160,10 @@ def check_workdir(points: list[Point], workdir: str) -> None:
 
 
 def status(run_dir: str) -> str:
-  if os.path.exists(os.path.join(run_dir, 'results.json')):
-    return 'done'
+  """'done' (results.json with a final evaluation), 'failed', 'interrupted' or 'pending'."""
+  results = workdirs.read_results(run_dir)
+  if results is not None:
+    return 'done' if results.get('final_top1') is not None else 'failed'
   if os.path.exists(os.path.join(run_dir, 'FAILED')):
     return 'failed'
   if os.path.isdir(os.path.join(run_dir, 'checkpoints')):
@@ -212,6 +214,8 @@ def save_plan(points: list[Point], workdir: str, complexities: Optional[dict] = 
 
 def collect(workdir: str) -> list[dict]:
   """Writes DIR/results.csv, DIR/results.md and the plot; returns the rows."""
+  if not os.path.exists(os.path.join(workdir, 'sweep.json')):
+    raise ValueError(f'{workdir} has no sweep.json: it is not a sweep directory of sweep.py.')
   with open(os.path.join(workdir, 'sweep.json')) as f:
     plan = json.load(f)['points']
   rows = []
@@ -222,8 +226,7 @@ def collect(workdir: str) -> list[dict]:
         k: entry['identity'][k] for k in ('model', 'alpha', 'groups', 'image_size')})
     row.update(entry.get('complexity', {}))
     if row['status'] == 'done':
-      with open(os.path.join(run_dir, 'results.json')) as f:
-        results = json.load(f)
+      results = workdirs.read_results(run_dir)
       row.update(macs=results['macs'], params=results['params'], top1=results['final_top1'],
                  top5=results['final_top5'], ema_top1=results['final_ema_top1'],
                  train_images_per_sec=results['train_images_per_sec'],
@@ -311,7 +314,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   if f.collect:
-    rows = collect(f.collect)
+    try:
+      rows = collect(f.collect)
+    except ValueError as e:
+      raise SystemExit(f'error: {e}') from None
     print(markdown_table(rows), end='')
     return
   if f.config is None or not f.workdir:
@@ -319,9 +325,12 @@ def main(argv):
                          '(or --collect=DIR).')
   if f.launch == 'tpu' and not (f.tpu_name and f.zone):
     raise app.UsageError('--launch=tpu needs --tpu_name and --zone.')
-  points = expand(f.config)
-  check_points(points)
-  check_workdir(points, f.workdir)
+  try:
+    points = expand(f.config)
+    check_points(points)
+    check_workdir(points, f.workdir)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from None
   workdir = os.path.abspath(f.workdir) if f.launch == 'local' else f.workdir
 
   def command(point):
@@ -374,4 +383,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('tpu_repo_dir', 'mobilenets',
                       '--launch=tpu: this repository on the TPU VM workers, relative to the '
                       'home directory or absolute (set up there with setup.sh).')
-  app.run(main)
+  app.run(main, flags_parser=default.parse_flags)

@@ -12,6 +12,8 @@ keys are functions of the step, so a resumed run continues exactly where the fir
 
 import functools
 import os
+import signal
+import sys
 import time
 
 from absl import app
@@ -22,12 +24,14 @@ import flax
 from flax import jax_utils
 import jax
 from jax import lax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import optax
 
+from configs import default
 import complexity
 import hugepages
 import input_pipeline
@@ -36,9 +40,53 @@ import optimizers
 import workdirs
 from workdirs import TrainState
 
+# The exit status of a run stopped by SIGTERM or SIGINT after checkpointing (sysexits' EX_TEMPFAIL:
+# "try again"): rerunning the same command resumes it.
+PREEMPTED_EXIT_STATUS = 75
+
 # Initialisation runs once: on the CPU, compiling it without LLVM's costly passes saves ~8 s.
 CPU_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,
                              'xla_llvm_disable_expensive_passes': True}
+
+
+class Preempted(Exception):
+  """The run stopped at a preemption signal, after checkpointing its last step."""
+
+
+class PreemptionSignals:
+  """Within `with`, SIGTERM (what Cloud TPU and SLURM send before they stop a job) and SIGINT ask
+  the training loop to checkpoint the step it is at and stop; a second signal stops at once.
+
+  In a multi-process run JAX's preemption service catches SIGTERM and every process stops at
+  the same step (`reached_preemption_sync_point`)."""
+
+  def __init__(self):
+    self.requested = False
+    self.multi_process = jax.process_count() > 1
+    self.signals = [signal.SIGINT] if self.multi_process else [signal.SIGTERM, signal.SIGINT]
+
+  def __enter__(self):
+    self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
+    return self
+
+  def __exit__(self, *exc_info):
+    for s, handler in self.previous.items():
+      signal.signal(s, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:  # the second signal: stop now, as without this handler
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+    self.requested = True
+    logging.warning('%s: checkpointing this step, then stopping (send it again to stop now).',
+                    signal.Signals(signum).name)
+
+  def reached(self, step: int) -> bool:
+    """Whether to checkpoint `step` and stop; call once per step."""
+    if self.multi_process and multihost_utils.reached_preemption_sync_point(step):
+      return True
+    return self.requested
 
 
 def cross_entropy(logits, labels, label_smoothing: float):
@@ -105,6 +153,8 @@ def evaluate(p_eval_step, state, data, config) -> dict[str, float]:
   for batch in input_pipeline.eval_batches(data, config):
     sums = p_eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError(f'{data.name} has no evaluation examples in eval_split={config.eval_split!r}.')
   totals = jax.device_get(jax_utils.unreplicate(totals))
   count = totals.pop('count')
   return {k: float(v / count) for k, v in totals.items()} | {'count': int(count)}
@@ -197,30 +247,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.init_from:
     config = workdirs.fine_tuning_config(config)
   check_config(config)
+  workdirs.check_writable(workdir)
+  changes = workdirs.resume_changes(workdir, config)
   model = models.get_model(config, axis_name='batch')
   data = input_pipeline.load(config)
+  input_pipeline.check_split_sizes(data, config)
   steps_per_epoch = input_pipeline.steps_per_epoch(data, config.batch_size)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(config.num_epochs * steps_per_epoch))
+  if total_steps <= 0:
+    raise ValueError(f'num_epochs={config.num_epochs} of {steps_per_epoch} steps gives no '
+                     'training step: set num_epochs (or num_train_steps) > 0.')
   eval_every = interval_steps(config, 'eval', steps_per_epoch)
   checkpoint_every = interval_steps(config, 'checkpoint', steps_per_epoch)
-  os.makedirs(workdir, exist_ok=True)
-  workdirs.check_resumable(workdir, config)
-  workdirs.write_config_once(workdir, config)
+  manager = workdirs.checkpoint_manager(workdir, keep=config.keep_checkpoints)
+  latest = manager.latest_step()
+  if latest is not None and latest > total_steps:
+    raise ValueError(f'{workdir} has a checkpoint at step {latest}, past the {total_steps} steps '
+                     'of this config: train longer, or use a new --workdir.')
+  finished = workdirs.read_results(workdir) if latest == total_steps else None
+  if finished and finished['final_top1'] is not None:
+    logging.info('%s finished all %d steps already; results.json is left as it is.', workdir,
+                 total_steps)
+    return finished
 
   schedule = optimizers.create_schedule(config, steps_per_epoch, total_steps)
   state = create_train_state(config, model, optimizers.create_optimizer(config, schedule))
-  manager = workdirs.checkpoint_manager(workdir, keep=config.keep_checkpoints)
-  start_step = manager.latest_step()
-  if start_step is not None:  # a checkpoint of this run, or step 0 written by convert.py
-    state = workdirs.restore_train_state(manager, start_step, state, workdir)
+  start_step = 0
+  if latest is not None:  # a checkpoint of this run, or step 0 written by convert.py
+    state, start_step = workdirs.restore_latest(manager, state, workdir)
     logging.info('Resumed from the checkpoint at step %d.', start_step)
   else:
-    start_step = 0
     if config.init_from:
       source, _ = workdirs.restore_variables(config.init_from)
       state = workdirs.state_with_weights_of(state, source, config.init_from)
       logging.info('Initialised from the latest checkpoint in %s.', config.init_from)
+  workdirs.write_config(workdir, config, changes, start_step)
   metrics_log = workdirs.MetricsLog(workdir, start_step)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -262,29 +324,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  time.strftime('%H:%M:%S', time.gmtime(eta)))
     window_start, window_steps = time.time(), 0
 
+  def run_eval(step):
+    nonlocal window_start
+    check_finite()
+    eval_start = time.time()
+    result = evaluate(p_eval_step, state, data, config)
+    history['eval'].append((step, result))
+    metrics_log.write(step, 'eval', result)
+    writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
+    logging.info('eval at step %d: %s', step, result)
+    window_start += time.time() - eval_start  # throughput counts training time only
+
+  def save_checkpoint(step):
+    check_finite()
+    workdirs.save_train_state(manager, step, jax_utils.unreplicate(state))
+
   batches = jax_utils.prefetch_to_device(
       input_pipeline.train_batches(data, config, steps_per_epoch, start_step),
       config.prefetch_batches)
-  for step in range(start_step + 1, total_steps + 1):
-    state, metrics = p_train_step(state, next(batches))
-    pending.append((step, metrics))
-    window_steps += 1
-    last = step == total_steps
-    if step % config.log_every_steps == 0 or last:
-      log_train(step)
-    if step % eval_every == 0 or last:
-      check_finite()
-      eval_start = time.time()
-      result = evaluate(p_eval_step, state, data, config)
-      history['eval'].append((step, result))
-      metrics_log.write(step, 'eval', result)
-      writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
-      logging.info('eval at step %d: %s', step, result)
-      window_start += time.time() - eval_start  # throughput counts training time only
-    if step % checkpoint_every == 0 or last:
-      check_finite()
-      workdirs.save_train_state(manager, step, jax_utils.unreplicate(state))
-  manager.wait_until_finished()
+  with PreemptionSignals() as preemption:
+    for step in range(start_step + 1, total_steps + 1):
+      state, metrics = p_train_step(state, next(batches))
+      pending.append((step, metrics))
+      window_steps += 1
+      last = step == total_steps
+      preempted = preemption.reached(step)
+      if step % config.log_every_steps == 0 or last:
+        log_train(step)
+      if step % eval_every == 0 or last:
+        run_eval(step)
+      if step % checkpoint_every == 0 or last or preempted:
+        save_checkpoint(step)
+      if preempted and not last:
+        writer.flush()
+        raise Preempted(f'Stopped by a signal after step {step}, which is checkpointed: rerun '
+                        'the same command to resume.')
+  if start_step == total_steps:  # the last checkpoint is there, its evaluation is not
+    run_eval(total_steps)
   writer.flush()
 
   results = run_summary(config, history, total_steps, time.time() - start_time)
@@ -320,8 +396,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   hugepages.restart_with_huge_pages()
-  # Orbax reports every step of every save at INFO; keep the console to this program's progress.
-  logging.get_absl_handler().addFilter(lambda record: '/orbax/' not in record.pathname)
+  # Orbax reports every step of every save at INFO, and asyncio the writes left over from a
+  # failed one; keep the console to this program's progress and errors.
+  logging.get_absl_handler().addFilter(
+      lambda record: '/orbax/' not in record.pathname and record.name != 'asyncio')
   if flags.FLAGS.distributed:
     jax.distributed.initialize()
   logging.info('JAX process %d of %d, %d local devices of %d: %s', jax.process_index(),
@@ -329,6 +407,9 @@ def main(argv):
                jax.devices()[0].device_kind)
   try:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(PREEMPTED_EXIT_STATUS)
   except (ValueError, FloatingPointError) as e:
     raise SystemExit(f'error: {e}') from None
 
@@ -339,4 +420,4 @@ if __name__ == '__main__':
   flags.DEFINE_bool('distributed', False,
                     'Call jax.distributed.initialize() first (multi-process launches).')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=default.parse_flags)

@@ -1,9 +1,11 @@
 """A run's workdir: what train.py and convert.py write there, and how every tool reads it back.
 
-    config.json      the run's config (written once, checked on every resume)
-    checkpoints/     Orbax checkpoints of a `TrainState`, one folder per step
-    metrics.jsonl    one JSON line per logged step and split (process 0)
-    results.json     the summary of a finished run; eval_results.json for eval_only runs
+    config.json          the run's config (checked on every resume, rewritten when it may change)
+    config_changes.jsonl the settings a resumed run changed, at the step it resumed from
+    checkpoints/         Orbax checkpoints of a `TrainState`, one folder per step
+    damaged_checkpoints/ checkpoints that failed to restore, moved aside (never deleted)
+    metrics.jsonl        one JSON line per logged step and split (process 0)
+    results.json         the summary of a finished run; eval_results.json for eval_only runs
 
 train.py, convert.py, predict.py and sweep.py use these functions and no other path into a
 workdir, so that a workdir written by one of them is read the same way by all the others.
@@ -11,6 +13,10 @@ workdir, so that a workdir written by one of them is read the same way by all th
 
 import json
 import os
+import re
+import sys
+import tempfile
+import time
 from typing import Any
 
 from absl import logging
@@ -25,9 +31,13 @@ import orbax.checkpoint as ocp
 
 from configs import default
 
-# Settings a run in an existing workdir must share with the run that wrote its checkpoints.
-RESUME_KEYS = ('model', 'dataset', 'image_size', 'num_classes', 'label_offset', 'half_precision',
-               'optimizer')
+# The settings a resumed run may change: how long it trains, what it logs, evaluates and keeps,
+# and where the data are. Every other setting decides the training trajectory (the data order, the
+# schedule, the network) and must stay as the checkpoints' run had it.
+RESUME_MAY_CHANGE = ('num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_epochs',
+                     'eval_every_steps', 'checkpoint_every_epochs', 'checkpoint_every_steps',
+                     'keep_checkpoints', 'eval_batch_size', 'eval_split', 'prefetch_batches',
+                     'data_threads', 'data_dir', 'download', 'fashion_mnist_files', 'init_from')
 # Settings that belong to a checkpoint's weights: the network, what its inputs are normalized to
 # and its BatchNorm epsilon. Evaluating (eval_only), fine-tuning (init_from) and predict.py take
 # them from the checkpoint's config.json, so converted weights need no flags.
@@ -82,23 +92,57 @@ def read_config(workdir: str) -> dict:
     return json.load(f)
 
 
-def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError if `workdir` holds a run whose model or data differ from `config`'s."""
+def read_results(workdir: str):
+  """The results.json of a finished run in `workdir`, or None."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_writable(workdir: str) -> None:
+  """Creates `workdir` if needed; ValueError if a file cannot be written there."""
+  probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f'Cannot write to --workdir={workdir} ({e.strerror}): choose a writable '
+                     'directory.') from None
+
+
+def resume_changes(workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """{field: [saved, current]} of the settings in RESUME_MAY_CHANGE that `config` changes from
+  the run in `workdir` ({} for a new workdir); ValueError naming the first other change."""
   if not os.path.exists(os.path.join(workdir, 'config.json')):
-    return
-  saved, current = read_config(workdir), config_as_dict(config)
-  for key in RESUME_KEYS:
-    if saved.get(key) != current.get(key):
+    return {}
+  saved = flax.traverse_util.flatten_dict(read_config(workdir), sep='.')
+  current = flax.traverse_util.flatten_dict(config_as_dict(config), sep='.')
+  changes = {k: [saved.get(k), current.get(k)] for k in sorted(saved.keys() | current.keys())
+             if saved.get(k) != current.get(k)}
+  for field, (old, new) in changes.items():
+    if field not in RESUME_MAY_CHANGE:
       raise ValueError(
-          f'{workdir} holds a run with {key}={saved.get(key)!r}, this config has '
-          f'{key}={current.get(key)!r}: use a new --workdir, or the original config to resume.')
+          f'{workdir} holds a run with {field}={old!r}, this config has {field}={new!r}: use a '
+          'new --workdir, or the original config to resume (a resumed run may change only '
+          f'{", ".join(RESUME_MAY_CHANGE)}).')
+  return changes
 
 
-def write_config_once(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes `workdir/config.json` unless the workdir has one (process 0 only)."""
-  path = os.path.join(workdir, 'config.json')
-  if jax.process_index() == 0 and not os.path.exists(path):
-    write_json_atomic(path, config_as_dict(config))
+def write_config(workdir: str, config: ml_collections.ConfigDict, changes: dict,
+                 step: int) -> None:
+  """Writes `workdir/config.json` and, for a run resumed at `step` with `changes`, appends them
+  to config_changes.jsonl (process 0 only)."""
+  if jax.process_index() > 0:
+    return
+  if changes:
+    logging.warning('Resuming at step %d with changed settings: %s', step, changes)
+    with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': step, 'changes': changes}) + '\n')
+  write_json_atomic(os.path.join(workdir, 'config.json'), config_as_dict(config))
 
 
 def settings_of(saved: dict, fields) -> dict:
@@ -129,28 +173,85 @@ def fine_tuning_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
 
 
 def checkpoint_manager(workdir: str, keep: int = 1) -> ocp.CheckpointManager:
-  """The Orbax manager of `workdir/checkpoints`, keeping the last `keep` checkpoints."""
+  """The Orbax manager of `workdir/checkpoints`, keeping the last `keep` checkpoints. It writes
+  synchronously (a few MB for these networks), so that a failed write stops the run at once."""
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, 'checkpoints')),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False))
+
+
+# When one array of a checkpoint fails to write (a full disk), Orbax closes the save's event loop
+# and TensorStore then reports every other array's completion to it from its own threads, printing
+# an 'Event loop is closed' traceback each, interleaved (hundreds for these networks). These are
+# their pieces.
+CLOSED_LOOP_TRACEBACK = re.compile(
+    r'Traceback \(most recent call last\):|File "[^"]*asyncio/base_events\.py", line \d+, in '
+    r"\w+|self\._check_closed\(\)|raise RuntimeError\('Event loop is closed'\)|RuntimeError|"
+    r'Event loop is closed')
+# How long the other arrays' writes take to finish and report after one failed.
+FAILED_SAVE_SETTLE_SECONDS = 0.5
 
 
 def save_train_state(manager: ocp.CheckpointManager, step: int, state: TrainState) -> None:
-  """Starts writing `state` (on the host or on one device) as the checkpoint of `step`."""
-  manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)))
-
-
-def restore_train_state(manager: ocp.CheckpointManager, step: int, state: TrainState,
-                        workdir: str) -> TrainState:
-  """The checkpoint at `step`, restored into the structure of `state`; ValueError (the
-  checkpoint left as it is) if it does not fit."""
-  try:
-    return manager.restore(step, args=ocp.args.StandardRestore(state))
-  except (ValueError, KeyError, TypeError) as e:
+  """Writes `state` (on the host or on one device) as the checkpoint of `step`; ValueError if
+  the write fails, which leaves the earlier checkpoints intact and TensorStore's reports of the
+  failure (CLOSED_LOOP_TRACEBACK) off the console."""
+  error = None
+  with tempfile.TemporaryFile('w+') as captured:
+    sys.stderr.flush()
+    console = os.dup(2)
+    os.dup2(captured.fileno(), 2)
+    try:
+      manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)))
+    except Exception as e:  # pylint: disable=broad-except  # whatever the write raised
+      error = e
+      time.sleep(FAILED_SAVE_SETTLE_SECONDS)
+    finally:
+      sys.stderr.flush()
+      os.dup2(console, 2)
+      os.close(console)
+    captured.seek(0)
+    output = captured.read()
+  if error is not None:
+    output = ''.join(line for line in CLOSED_LOOP_TRACEBACK.sub('', output).splitlines(True)
+                     if line.strip(' :\n'))
+  sys.stderr.write(output)
+  if error is not None:
     raise ValueError(
-        f'The checkpoint at step {step} in {workdir}/checkpoints does not fit this '
-        f'TrainState ({type(e).__name__}: {str(e)[:300]}); it was written by another version '
-        'of train.py. Use a new --workdir; the checkpoint is left as it is.') from e
+        f'Writing the checkpoint of step {step} in {manager.directory} failed '
+        f'({type(error).__name__}: {str(error).splitlines()[0][:200]}); the checkpoints before '
+        'it are intact. Free space and rerun the same command to resume.') from error
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: TrainState,
+                   workdir: str) -> tuple[TrainState, int]:
+  """(the newest checkpoint that restores into the structure of `state`, its step). Newer ones
+  that fail (damaged by a crash or a full disk) are moved to `workdir/damaged_checkpoints/`
+  with a warning; ValueError, and nothing moved, if none restores."""
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.StandardRestore(state))
+    except Exception as e:  # pylint: disable=broad-except  # Orbax and TensorStore raise many kinds
+      failures.append((step, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'))
+      continue
+    if failures and jax.process_index() == 0:
+      damaged = os.path.join(workdir, 'damaged_checkpoints')
+      os.makedirs(damaged, exist_ok=True)
+      for bad_step, error in failures:
+        target = os.path.join(damaged, f'{bad_step}.{int(time.time())}')
+        os.rename(os.path.join(manager.directory, str(bad_step)), target)
+        logging.warning('The checkpoint at step %d does not restore (%s); moved it to %s and '
+                        'resumed from step %d.', bad_step, error, target, step)
+    if failures:
+      manager.reload()
+    return restored, step
+  step, error = failures[0]
+  raise ValueError(
+      f'No checkpoint in {workdir}/checkpoints restores into this TrainState (step {step}: '
+      f'{error}); it is damaged or was written by another version of train.py. Use a new '
+      '--workdir; the checkpoints are left as they are.')
 
 
 def restore_variables(workdir: str) -> tuple[dict, int]:
@@ -205,18 +306,32 @@ def state_with_weights_of(state: TrainState, source: dict, workdir: str) -> Trai
   return state
 
 
+def _json_or_none(line: str):
+  try:
+    return json.loads(line)
+  except json.JSONDecodeError:
+    return None
+
+
 class MetricsLog:
   """`workdir/metrics.jsonl` (process 0 only): one JSON object per logged step and split.
 
   Opening it for a run that resumes at `resume_step` drops the lines written after that step's
-  checkpoint, so the history of a resumed run has no duplicates."""
+  checkpoint, so the history of a resumed run has no duplicates, and any line a crash left half
+  written."""
 
   def __init__(self, workdir: str, resume_step: int):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.active = jax.process_index() == 0
     if self.active and os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+        lines = [line for line in f if line.strip()]
+      records = [_json_or_none(line) for line in lines]
+      if None in records:
+        logging.warning('Dropping %d unreadable line(s) of %s (a write cut short).',
+                        records.count(None), self.path)
+      kept = [line.rstrip('\n') + '\n' for line, record in zip(lines, records)
+              if record is not None and record['step'] <= resume_step]
       with open(self.path + '.tmp', 'w') as f:
         f.writelines(kept)
       os.replace(self.path + '.tmp', self.path)

@@ -4,7 +4,9 @@ synthetic training config and a fixture that builds a train state and its pmappe
 
 `pytest -m "not slow"` leaves out the tests that start train.py or sweep.py processes."""
 
+import json
 import os
+import sys
 import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -78,3 +80,30 @@ def train_state_and_step():
                                      optimizers.create_optimizer(config, schedule))
     return jax.device_get(state), train.pmap_train_step(config, schedule, devices)
   return build
+
+
+def train_command(workdir, **overrides) -> list[str]:
+  """The train.py command line of the tiny config with `overrides`, run from ROOT."""
+  args = [sys.executable, 'train.py', f'--config={TINY_BASE}', f'--workdir={workdir}']
+  return args + [f'--config.{k}={v}' for k, v in {**TINY, **overrides}.items()]
+
+
+def read_jsonl(path) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def latest_state(workdir) -> tuple[int, dict]:
+  """(step, the checkpoint's TrainState as a dict) of the latest checkpoint in `workdir`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  return manager.latest_step(), manager.restore(manager.latest_step())
+
+
+@pytest.fixture(scope='session')
+def uninterrupted(tmp_path_factory):
+  """(workdir, results) of the tiny config trained for its 12 steps without interruption: the
+  reference that resumed and faulted runs must reproduce. Do not modify it; copy it."""
+  import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  return workdir, train.train_and_evaluate(tiny_config(), workdir)

@@ -297,12 +297,17 @@ def test_converted_workdir_evaluates_fine_tunes_predicts_and_exports(tmp_path):
   assert [t['label'] for t in top] == list(np.argsort(-expected)[:3])
   np.testing.assert_allclose([t['probability'] for t in top], np.sort(expected)[::-1][:3],
                              atol=1e-5)
+  (tmp_path / 'broken.jpg').write_text('not an image')
   cli = subprocess.run([sys.executable, 'predict.py', f'--workdir={workdir}', '--json',
-                        str(tmp_path / 'b.png')], cwd=ROOT, capture_output=True, text=True,
-                       check=True)
-  cli_top = json.loads(cli.stdout)[0]['top']
-  assert len(cli_top) == 4  # --top_k 5 of 4 classes
-  assert [t['label'] for t in cli_top[:3]] == [t['label'] for t in out[1]['top']]
+                        str(tmp_path / 'broken.jpg'), str(tmp_path / 'b.png')], cwd=ROOT,
+                       capture_output=True, text=True)
+  broken, good = json.loads(cli.stdout)
+  assert len(good['top']) == 4  # --top_k 5 of 4 classes
+  assert [t['label'] for t in good['top'][:3]] == [t['label'] for t in out[1]['top']]
+  # The file that is not an image: one line that names it, after the other image's result.
+  assert cli.returncode == 1 and 'Traceback' not in cli.stderr
+  assert broken['error'] == cli.stderr.strip().splitlines()[-1].removeprefix('error: ') == (
+      f'{tmp_path / "broken.jpg"} is not a JPEG, PNG, GIF or BMP image: remove it or replace it.')
 
   # Export back to Keras reproduces the peer's logits.
   convert.export_keras(workdir, str(tmp_path / 'out.weights.h5'))

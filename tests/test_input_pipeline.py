@@ -200,6 +200,10 @@ def test_image_folder_dataset(tmp_path):
     input_pipeline.load(_config(config, num_classes=5))
   with pytest.raises(ValueError, match='does not exist'):
     input_pipeline.load(_config(config, dataset=f'folder:{tmp_path / "nowhere"}'))
+  # A file that is not an image is named before anything trains.
+  (tmp_path / 'images' / 'cat' / 'broken.jpg').write_bytes(b'<html>not an image</html>')
+  with pytest.raises(ValueError, match=r'cat/broken.jpg is not a JPEG, PNG, GIF or BMP image'):
+    input_pipeline.load(_config(config, dataset=f'folder:{tmp_path / "images"}'))
 
 
 def _key(example):
@@ -255,3 +259,25 @@ def test_bench_command():
        '--steps=5', '--config.dataset=synthetic', '--config.num_classes=4'],
       cwd=ROOT, capture_output=True, text=True, check=True)
   assert 'training images/s on this host' in out.stdout
+
+
+def test_download_and_prepare_path_offline(tmp_path, monkeypatch):
+  """config.download=True runs TFDS's download_and_prepare; here for the registered cifar10 with
+  its archive served from local files, so that a missing dependency of that path fails here."""
+  rng = np.random.default_rng(0)
+  batches = tmp_path / 'archive' / 'cifar-10-batches-bin'
+  batches.mkdir(parents=True)
+  labels = {}
+  for name in [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']:
+    labels[name] = rng.integers(0, 10, 3)
+    records = [np.concatenate([[label], rng.integers(0, 256, 3072)]) for label in labels[name]]
+    (batches / name).write_bytes(np.concatenate(records).astype(np.uint8).tobytes())
+  (batches / 'batches.meta.txt').write_text('\n'.join(f'class{i}' for i in range(10)))
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract',
+                      lambda self, url: str(tmp_path / 'archive'))
+  config = _config(cifar10.get_config(), data_dir=str(tmp_path / 'tfds'), download=True,
+                   cache=False)
+  data = input_pipeline.load(config)
+  assert (data.num_train, data.num_eval) == (15, 3)
+  assert sorted(int(e['label']) for e in data.examples('eval')) == sorted(
+      labels['test_batch.bin'])

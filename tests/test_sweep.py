@@ -103,6 +103,26 @@ def _sweep_cli(*args):
 
 
 @pytest.mark.slow
+def test_a_bad_sweep_file_is_one_line_on_the_command_line(tmp_path):
+  (tmp_path / 'sweep_file.py').write_text('''
+import ml_collections
+
+def get_config():
+  sweep = ml_collections.ConfigDict()
+  sweep.groups = [ml_collections.ConfigDict({'base': 'configs/mobilenet_v1.py', 'mode': 'product',
+                                             'axes': (('model.alpha', (0.5, 0.5)),)})]
+  return sweep
+''')
+  run = _sweep_cli(f'--config={tmp_path / "sweep_file.py"}', f'--workdir={tmp_path / "out"}')
+  assert run.returncode != 0 and 'Traceback' not in run.stderr, run.stderr[-3000:]
+  assert run.stderr.strip().splitlines()[-1].startswith(
+      "error: Duplicate sweep point 'mobilenet_v1-a0.5-r224'")
+  bad_dir = _sweep_cli(f'--collect={tmp_path / "nowhere"}')
+  assert bad_dir.stderr.strip().splitlines()[-1] == (
+      f'error: {tmp_path / "nowhere"} has no sweep.json: it is not a sweep directory of sweep.py.')
+
+
+@pytest.mark.slow
 def test_complexity_only_fills_the_table_without_training(tmp_path):
   out = tmp_path / 'v1'
   result = _sweep_cli('--config=configs/sweeps/mobilenet_v1_paper.py', f'--workdir={out}',
