@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import math
 import os
+import re
 import time
 from typing import Iterator, Optional
 
@@ -162,7 +163,8 @@ def _folder(config, root: str) -> Data:
   streams, sizes = {}, {}
   for split, (paths, labels) in splits.items():
     part = _process_slice(len(paths))
-    files = tf.data.Dataset.from_tensor_slices((paths[part], labels[part]))
+    files = tf.data.Dataset.from_tensor_slices((tf.constant(paths[part], tf.string),
+                                                tf.constant(labels[part], tf.int32)))
     streams[split] = files.map(lambda path, label: {'image': tf.io.read_file(path),
                                                     'label': label})
     sizes[split] = len(labels[part])
@@ -360,6 +362,18 @@ def _options(config) -> tf.data.Options:
   return options
 
 
+def _sharded_batches(ds: tf.data.Dataset, data: Data) -> Iterator[dict]:
+  """`ds`'s batches, sharded over the local devices; ValueError for an image that does not
+  decode (a file with an image's first bytes and broken contents)."""
+  try:
+    for batch in ds.as_numpy_iterator():
+      yield shard(batch)
+  except tf.errors.InvalidArgumentError as e:
+    message = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', e.message.splitlines()[0])
+    raise ValueError(f'An image of {data.name} does not decode ({message}): find and replace the '
+                     'broken file.') from None
+
+
 def train_batches(data: Data, config, per_epoch: int, start_step: int = 0) -> Iterator[dict]:
   """This process's part of the global training batch of every step from `start_step` on, with
   `per_epoch` steps (`steps_per_epoch`) an epoch: one tf.data iterator over all epochs, epoch e
@@ -401,8 +415,7 @@ def train_batches(data: Data, config, per_epoch: int, start_step: int = 0) -> It
 
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_batches)
   ds = ds.prefetch(config.prefetch_batches).with_options(_options(config))
-  for batch in ds.as_numpy_iterator():
-    yield shard(batch)
+  yield from _sharded_batches(ds, data)
 
 
 def eval_batches(data: Data, config) -> Iterator[dict]:
@@ -415,8 +428,7 @@ def eval_batches(data: Data, config) -> Iterator[dict]:
   blank = jax.tree.map(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat())
   ds = ds.batch(local_batch).take(num_batches).prefetch(config.prefetch_batches)
-  for batch in ds.with_options(_options(config)).as_numpy_iterator():
-    yield shard(batch)
+  yield from _sharded_batches(ds.with_options(_options(config)), data)
 
 
 def benchmark(config, steps: int) -> float:

@@ -75,8 +75,11 @@ def predict(workdir: str, paths: list[str], top_k: int = 5, ema: bool = False) -
     try:
       input_pipeline.check_image_file(path)
       image = preprocess(path, config)
-    except (ValueError, tf.errors.OpError) as e:
-      results.append({'image': path, 'error': str(e).strip().splitlines()[0]})
+    except ValueError as e:
+      results.append({'image': path, 'error': str(e)})
+      continue
+    except tf.errors.OpError as e:
+      results.append({'image': path, 'error': f'{path} does not decode ({e.message.strip()}).'})
       continue
     probs = np.asarray(probabilities(image[None]))[0]
     top = np.argsort(-probs, kind='stable')[:top_k]

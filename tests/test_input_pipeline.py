@@ -204,6 +204,14 @@ def test_image_folder_dataset(tmp_path):
   (tmp_path / 'images' / 'cat' / 'broken.jpg').write_bytes(b'<html>not an image</html>')
   with pytest.raises(ValueError, match=r'cat/broken.jpg is not a JPEG, PNG, GIF or BMP image'):
     input_pipeline.load(_config(config, dataset=f'folder:{tmp_path / "images"}'))
+  # A JPEG cut short passes that check; decoding it is one error too.
+  jpeg = (tmp_path / 'images' / 'cat' / '1.jpg').read_bytes()
+  (tmp_path / 'images' / 'cat' / 'broken.jpg').write_bytes(jpeg[:len(jpeg) // 3])
+  data = input_pipeline.load(_config(config, num_classes=3, folder_eval_fraction=0.0))
+  batches = _train_batches(data, config)
+  with pytest.raises(ValueError, match=r'An image of .*images does not decode \(.*JPEG'):
+    for _ in range(10 * input_pipeline.steps_per_epoch(data, config.batch_size)):  # 10 epochs
+      next(batches)
 
 
 def _key(example):
