@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -182,10 +183,20 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_ends_as_uninterrupted(uninte
 
 
 @pytest.mark.slow
-def test_a_second_signal_stops_at_once(tmp_path):
-  process = _start_and_wait_for_checkpoint_3(tmp_path / 'run')
-  process.send_signal(signal.SIGTERM)
-  time.sleep(0.01)
-  process.send_signal(signal.SIGTERM)
-  process.communicate(timeout=300)
-  assert process.returncode == -signal.SIGTERM
+def test_a_second_signal_stops_at_once():
+  """In a process of its own: the first SIGTERM only asks to stop, the second stops at once."""
+  program = """
+import os, signal, sys, time
+import train
+with train.PreemptionSignals() as preemption:
+  os.kill(os.getpid(), signal.SIGTERM)
+  while not preemption.reached(1):
+    time.sleep(0.01)
+  print('asked to stop', flush=True)
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(60)
+sys.exit(0)
+"""
+  run = subprocess.run([sys.executable, '-c', program], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert run.stdout == 'asked to stop\n' and run.returncode == -signal.SIGTERM, run.stderr[-2000:]
