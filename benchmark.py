@@ -12,7 +12,6 @@ import time
 
 from absl import app
 from absl import flags
-from flax import jax_utils
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -52,7 +51,7 @@ def run(config, steps: int, warmup: int) -> dict:
   train.check_config(config)
   model = models.get_model(config, axis_name='batch')
   schedule = optimizers.create_schedule(config, 1000, 100_000)
-  state = jax_utils.replicate(
+  state = train.replicate(
       train.create_train_state(config, model, optimizers.create_optimizer(config, schedule)))
   p_train = train.pmap_train_step(config, schedule)
   p_eval = train.pmap_eval_step(config)

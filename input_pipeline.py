@@ -365,13 +365,17 @@ def _options(config) -> tf.data.Options:
 def _sharded_batches(ds: tf.data.Dataset, data: Data) -> Iterator[dict]:
   """`ds`'s batches, sharded over the local devices; ValueError for an image that does not
   decode (a file with an image's first bytes and broken contents)."""
-  try:
-    for batch in ds.as_numpy_iterator():
-      yield shard(batch)
-  except tf.errors.InvalidArgumentError as e:
-    message = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', e.message.splitlines()[0])
-    raise ValueError(f'An image of {data.name} does not decode ({message}): find and replace the '
-                     'broken file.') from None
+  iterator = ds.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      message = re.sub(r'\{\{function_node [^}]*\}\}\s*', '', e.message.splitlines()[0])
+      raise ValueError(f'An image of {data.name} does not decode ({message}): find and replace '
+                       'the broken file.') from None
+    yield shard(batch)  # outside the try: closing the generator raises GeneratorExit here
 
 
 def train_batches(data: Data, config, per_epoch: int, start_step: int = 0) -> Iterator[dict]:

@@ -40,7 +40,8 @@ import workdirs
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PUBLISHED = os.path.join(ROOT, 'configs', 'sweeps', 'published_imagenet.csv')
 COLUMNS = ('run', 'model', 'alpha', 'groups', 'image_size', 'macs', 'params', 'top1', 'top5',
-           'ema_top1', 'train_images_per_sec', 'wall_time_sec', 'status')
+           'ema_top1', 'train_images_per_sec', 'wall_time_sec', 'compile_sec', 'eval_sec',
+           'checkpoint_sec', 'status')
 # Short names of the usual axes in run names; other fields use their last path component.
 SHORT_NAMES = {'model.alpha': 'a', 'model.groups': 'g', 'image_size': 'r'}
 
@@ -230,7 +231,8 @@ def collect(workdir: str) -> list[dict]:
       row.update(macs=results['macs'], params=results['params'], top1=results['final_top1'],
                  top5=results['final_top5'], ema_top1=results['final_ema_top1'],
                  train_images_per_sec=results['train_images_per_sec'],
-                 wall_time_sec=results['wall_time_sec'])
+                 wall_time_sec=results['wall_time_sec'],
+                 **{k: results.get(k) for k in ('compile_sec', 'eval_sec', 'checkpoint_sec')})
     rows.append(row)
   with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
     writer = csv.DictWriter(f, COLUMNS)

@@ -15,6 +15,15 @@ import os
 import signal
 import sys
 import time
+from typing import Optional
+
+import hugepages
+
+if __name__ == '__main__':
+  # Before TensorFlow and JAX are imported (the imports below come after this on purpose): the
+  # restart runs this file again from the start, and they load and greet once.
+  hugepages.restart_with_huge_pages()
+PROCESS_START = time.time()
 
 from absl import app
 from absl import flags
@@ -33,7 +42,6 @@ import optax
 
 from configs import default
 import complexity
-import hugepages
 import input_pipeline
 import models
 import optimizers
@@ -170,6 +178,12 @@ def create_train_state(config, model, tx) -> TrainState:
   return workdirs.new_train_state(model.apply, variables, tx, keep_ema=config.ema_decay > 0)
 
 
+def replicate(tree):
+  """`tree` on every local device, placed as the pmapped steps return their outputs (on a mesh
+  axis named 'batch'), so that the train step compiles once and not again for its own output."""
+  return jax.pmap(lambda x: x, axis_name='batch')(jax_utils.replicate(tree))
+
+
 def pmap_train_step(config, schedule, devices=None):
   """`train_step` pmapped over the local devices (or `devices`), donating the old state."""
   return jax.pmap(functools.partial(train_step, schedule=schedule, config=config,
@@ -229,7 +243,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   variables, step = workdirs.restore_variables(workdir)
   state = workdirs.new_train_state(model.apply, variables, optax.identity(),
                                    keep_ema=variables['ema_params'] is not None)
-  result = evaluate(pmap_eval_step(config), jax_utils.replicate(state), data, config)
+  result = evaluate(pmap_eval_step(config), replicate(state), data, config)
   result = {'step': step, 'dataset': config.dataset, 'split': config.eval_split,
             'image_size': config.image_size, **result}
   logging.info('eval of the checkpoint at step %d: %s', step, result)
@@ -238,10 +252,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   return result
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config`'s model, evaluating and checkpointing in `workdir`; returns results.json.
-  With `config.eval_only`, evaluates the latest checkpoint in `workdir` instead."""
-  start_time = time.time()
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       start_time: Optional[float] = None) -> dict:
+  """Trains `config`'s model, evaluating and checkpointing in `workdir`; returns results.json,
+  whose wall time counts from `start_time` (time.time() when the process started; this call by
+  default). With `config.eval_only`, evaluates the latest checkpoint in `workdir` instead."""
+  start_time = start_time or time.time()
   if config.eval_only:
     return evaluate_checkpoint(config, workdir)
   if config.init_from:
@@ -272,16 +288,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return finished
 
   schedule = optimizers.create_schedule(config, steps_per_epoch, total_steps)
+  seconds = {'compile': time.time(), 'eval': 0.0, 'checkpoint': 0.0}
   state = create_train_state(config, model, optimizers.create_optimizer(config, schedule))
+  seconds['compile'] = time.time() - seconds['compile']
   start_step = 0
   if latest is not None:  # a checkpoint of this run, or step 0 written by convert.py
     state, start_step = workdirs.restore_latest(manager, state, workdir)
     logging.info('Resumed from the checkpoint at step %d.', start_step)
-  else:
-    if config.init_from:
-      source, _ = workdirs.restore_variables(config.init_from)
-      state = workdirs.state_with_weights_of(state, source, config.init_from)
-      logging.info('Initialised from the latest checkpoint in %s.', config.init_from)
+  elif config.init_from:
+    source, _ = workdirs.restore_variables(config.init_from)
+    state = workdirs.state_with_weights_of(state, source, config.init_from)
+    logging.info('Initialised from the latest checkpoint in %s.', config.init_from)
   workdirs.write_config(workdir, config, changes, start_step)
   metrics_log = workdirs.MetricsLog(workdir, start_step)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -291,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   p_train_step = pmap_train_step(config, schedule)
   p_eval_step = pmap_eval_step(config)
-  state = jax_utils.replicate(state)
+  state = replicate(state)
 
   pending = []  # (step, metrics on device) of the steps since the last log
   history = {'eval': [], 'images_per_sec': []}
@@ -333,18 +350,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics_log.write(step, 'eval', result)
     writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
     logging.info('eval at step %d: %s', step, result)
+    seconds['eval'] += time.time() - eval_start
     window_start += time.time() - eval_start  # throughput counts training time only
 
   def save_checkpoint(step):
+    nonlocal window_start
     check_finite()
+    save_start = time.time()
     workdirs.save_train_state(manager, step, jax_utils.unreplicate(state))
+    seconds['checkpoint'] += time.time() - save_start
+    window_start += time.time() - save_start
 
   batches = jax_utils.prefetch_to_device(
       input_pipeline.train_batches(data, config, steps_per_epoch, start_step),
       config.prefetch_batches)
   with PreemptionSignals() as preemption:
     for step in range(start_step + 1, total_steps + 1):
+      step_start = time.time()
       state, metrics = p_train_step(state, next(batches))
+      if step == start_step + 1:  # the step compiles
+        jax.block_until_ready(metrics)
+        seconds['compile'] += time.time() - step_start
       pending.append((step, metrics))
       window_steps += 1
       last = step == total_steps
@@ -359,18 +385,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.flush()
         raise Preempted(f'Stopped by a signal after step {step}, which is checkpointed: rerun '
                         'the same command to resume.')
+  batches.close()  # stops the data pipeline's threads
   if start_step == total_steps:  # the last checkpoint is there, its evaluation is not
     run_eval(total_steps)
   writer.flush()
 
-  results = run_summary(config, history, total_steps, time.time() - start_time)
+  seconds['wall'] = time.time() - start_time
+  results = run_summary(config, history, total_steps, seconds)
   if jax.process_index() == 0:
     workdirs.write_json_atomic(os.path.join(workdir, 'results.json'), results)
   return results
 
 
-def run_summary(config, history, total_steps, wall_time) -> dict:
-  """What results.json holds: the config, complexity, final and best accuracy, speed, time."""
+def run_summary(config, history, total_steps, seconds) -> dict:
+  """What results.json holds: the config, complexity, final and best accuracy, speed and where
+  the time went (`seconds`: 'wall' since the run started, and 'compile' (initialisation and the
+  first train step), 'eval' and 'checkpoint' within it)."""
   evals = [r for _, r in history['eval']]
   best = max(evals, key=lambda r: r['top1']) if evals else {}
   final = evals[-1] if evals else {}
@@ -388,25 +418,31 @@ def run_summary(config, history, total_steps, wall_time) -> dict:
       'eval_count': final.get('count'),
       'train_images_per_sec': (float(np.median(history['images_per_sec']))
                                if history['images_per_sec'] else None),
-      'wall_time_sec': wall_time,
+      'wall_time_sec': seconds['wall'],
+      'compile_sec': seconds['compile'],
+      'eval_sec': seconds['eval'],
+      'checkpoint_sec': seconds['checkpoint'],
   }
+
+
+def keep_on_console(record) -> bool:
+  """False for what would bury this program's progress and errors: Orbax's report of every step
+  of every save, asyncio's of the writes left over from a failed one, JAX's probe for a TPU."""
+  return not ('/orbax/' in record.pathname or record.name == 'asyncio'
+              or "Unable to initialize backend 'tpu'" in record.getMessage())
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  hugepages.restart_with_huge_pages()
-  # Orbax reports every step of every save at INFO, and asyncio the writes left over from a
-  # failed one; keep the console to this program's progress and errors.
-  logging.get_absl_handler().addFilter(
-      lambda record: '/orbax/' not in record.pathname and record.name != 'asyncio')
+  logging.get_absl_handler().addFilter(keep_on_console)
   if flags.FLAGS.distributed:
     jax.distributed.initialize()
   logging.info('JAX process %d of %d, %d local devices of %d: %s', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   try:
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, start_time=PROCESS_START)
   except Preempted as e:
     logging.warning('%s', e)
     sys.exit(PREEMPTED_EXIT_STATUS)

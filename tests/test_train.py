@@ -46,8 +46,11 @@ def test_run_outputs_and_loss_decreases(uninterrupted):
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f) == json.loads(json.dumps(results))
   for key in ('config', 'macs', 'params', 'final_top1', 'final_top5', 'best_top1', 'best_top5',
-              'final_ema_top1', 'train_images_per_sec', 'wall_time_sec'):
+              'final_ema_top1', 'train_images_per_sec', 'wall_time_sec', 'compile_sec', 'eval_sec',
+              'checkpoint_sec'):
     assert results[key] is not None, key
+  parts = results['compile_sec'] + results['eval_sec'] + results['checkpoint_sec']
+  assert 0 < parts < results['wall_time_sec']
   assert results['macs'] > 0 and results['params'] > 0
   assert results['eval_count'] == 20  # 20 examples in two batches of 16: each counted once
   lines = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
@@ -173,6 +176,24 @@ def test_eval_batches_cover_every_example_once():
     seen += list(batch['label'].reshape(-1)[mask])
   labels = [int(e['label']) for e in data.examples('eval').as_numpy_iterator()]
   assert sorted(seen) == sorted(labels) and len(seen) == 20
+
+
+def test_the_train_step_compiles_once(train_state_and_step):
+  """The replicated state is placed as the step returns it, so its output does not recompile it."""
+  config = tiny_config()
+  state, step = train_state_and_step(config)
+  batches = input_pipeline.train_batches(input_pipeline.load(config), config, 4)
+  lowerings = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, seconds, **kwargs: lowerings.append(event)
+      if event == '/jax/core/compile/jaxpr_to_mlir_module_duration' else None)
+  state = step(train.replicate(state), next(batches))[0]
+  assert lowerings  # the first step compiles (the listener sees it)
+  lowerings.clear()
+  for _ in range(2):
+    state = step(state, next(batches))[0]
+  jax.block_until_ready(state)
+  assert not lowerings
 
 
 def test_half_precision_step_keeps_float32_state(train_state_and_step):
