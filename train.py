@@ -14,6 +14,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -74,7 +75,10 @@ class PreemptionSignals:
     self.signals = [signal.SIGINT] if self.multi_process else [signal.SIGTERM, signal.SIGINT]
 
   def __enter__(self):
-    self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
+    # Python takes signals in the main thread only; elsewhere (a caller's worker thread) the
+    # process keeps its own handling.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    self.previous = {s: signal.signal(s, self._handle) for s in self.signals if in_main_thread}
     return self
 
   def __exit__(self, *exc_info):
