@@ -257,9 +257,9 @@ def load(config) -> Data:
   return _tfds(config)
 
 
-def check_split_sizes(data: Data, config) -> None:
+def check_train_size(data: Data, config) -> None:
   """ValueError unless every process has a global batch of training examples (anything less
-  would give epochs without a step) and there is something to evaluate."""
+  would give epochs without a step)."""
   local_batch = config.batch_size // jax.process_count()
   local = data.local_count('train')
   if local < local_batch:
@@ -267,6 +267,10 @@ def check_split_sizes(data: Data, config) -> None:
         f'{data.name} has {data.num_train} training examples ({local} for this process), fewer '
         f'than one batch of batch_size={config.batch_size} ({local_batch} per process): lower '
         'batch_size or use more data.')
+
+
+def check_eval_size(data: Data, config) -> None:
+  """ValueError if there is nothing to evaluate."""
   if data.num_eval == 0:
     raise ValueError(f'{data.name} has no evaluation examples in eval_split={config.eval_split!r}'
                      ' (folder: data sets, folder_eval_fraction): give it some.')

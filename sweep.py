@@ -27,7 +27,6 @@ from typing import Any, Optional
 
 from absl import app
 from absl import flags
-from flax.traverse_util import flatten_dict
 import ml_collections
 from ml_collections import config_flags
 
@@ -149,11 +148,7 @@ def check_workdir(points: list[Point], workdir: str) -> None:
   otherwise be skipped or resumed as if they were this sweep's."""
   for point in points:
     run_dir = os.path.join(workdir, point.name)
-    if not os.path.exists(os.path.join(run_dir, 'config.json')):
-      continue
-    saved = flatten_dict(workdirs.read_config(run_dir), sep='.')
-    current = flatten_dict(workdirs.config_as_dict(point.config()), sep='.')
-    changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    changed = workdirs.config_differences(run_dir, point.config())
     if changed:
       raise ValueError(
           f'{run_dir} holds a run of {point.name} with other settings '

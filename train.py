@@ -165,8 +165,6 @@ def evaluate(p_eval_step, state, data, config) -> dict[str, float]:
   for batch in input_pipeline.eval_batches(data, config):
     sums = p_eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  if totals is None:
-    raise ValueError(f'{data.name} has no evaluation examples in eval_split={config.eval_split!r}.')
   totals = jax.device_get(jax_utils.unreplicate(totals))
   count = totals.pop('count')
   return {k: float(v / count) for k, v in totals.items()} | {'count': int(count)}
@@ -244,6 +242,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   check_config(config)
   model = models.get_model(config, axis_name='batch')
   data = input_pipeline.load(config)
+  input_pipeline.check_eval_size(data, config)
   variables, step = workdirs.restore_variables(workdir)
   state = workdirs.new_train_state(model.apply, variables, optax.identity(),
                                    keep_ema=variables['ema_params'] is not None)
@@ -271,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   changes = workdirs.resume_changes(workdir, config)
   model = models.get_model(config, axis_name='batch')
   data = input_pipeline.load(config)
-  input_pipeline.check_split_sizes(data, config)
+  input_pipeline.check_train_size(data, config)
+  input_pipeline.check_eval_size(data, config)
   steps_per_epoch = input_pipeline.steps_per_epoch(data, config.batch_size)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(config.num_epochs * steps_per_epoch))
@@ -292,9 +292,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return finished
 
   schedule = optimizers.create_schedule(config, steps_per_epoch, total_steps)
-  seconds = {'compile': time.time(), 'eval': 0.0, 'checkpoint': 0.0}
+  init_start = time.time()
   state = create_train_state(config, model, optimizers.create_optimizer(config, schedule))
-  seconds['compile'] = time.time() - seconds['compile']
+  seconds = {'compile': time.time() - init_start, 'eval': 0.0, 'checkpoint': 0.0}
   start_step = 0
   if latest is not None:  # a checkpoint of this run, or step 0 written by convert.py
     state, start_step = workdirs.restore_latest(manager, state, workdir)

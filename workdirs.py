@@ -70,12 +70,16 @@ def new_train_state(apply_fn, variables: dict, tx: optax.GradientTransformation,
                            ema_params=ema_params, ema_batch_stats=ema_batch_stats)
 
 
-def write_json_atomic(path: str, value) -> None:
-  """Writes `value` to `path` through a temporary file, so a reader never sees half a file."""
+def write_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file, so a reader never sees half a file."""
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, value) -> None:
+  write_atomic(path, json.dumps(value, indent=2))
 
 
 def config_as_dict(config: ml_collections.ConfigDict) -> dict:
@@ -114,15 +118,21 @@ def check_writable(workdir: str) -> None:
                      'directory.') from None
 
 
-def resume_changes(workdir: str, config: ml_collections.ConfigDict) -> dict:
-  """{field: [saved, current]} of the settings in RESUME_MAY_CHANGE that `config` changes from
-  the run in `workdir` ({} for a new workdir); ValueError naming the first other change."""
+def config_differences(workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """{field: [saved, current]} of every dotted field in which `config` differs from the
+  config.json of `workdir` ({} where there is none)."""
   if not os.path.exists(os.path.join(workdir, 'config.json')):
     return {}
   saved = flax.traverse_util.flatten_dict(read_config(workdir), sep='.')
   current = flax.traverse_util.flatten_dict(config_as_dict(config), sep='.')
-  changes = {k: [saved.get(k), current.get(k)] for k in sorted(saved.keys() | current.keys())
-             if saved.get(k) != current.get(k)}
+  return {k: [saved.get(k), current.get(k)] for k in sorted(saved.keys() | current.keys())
+          if saved.get(k) != current.get(k)}
+
+
+def resume_changes(workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """{field: [saved, current]} of the settings in RESUME_MAY_CHANGE that `config` changes from
+  the run in `workdir` ({} for a new workdir); ValueError naming the first other change."""
+  changes = config_differences(workdir, config)
   for field, (old, new) in changes.items():
     if field not in RESUME_MAY_CHANGE:
       raise ValueError(
@@ -258,10 +268,11 @@ def restore_variables(workdir: str) -> tuple[dict, int]:
   """({'params', 'batch_stats', 'ema_params', 'ema_batch_stats'}, step) of the latest checkpoint
   in `workdir` (the EMA entries are None where the run kept no averages)."""
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  step = (ocp.CheckpointManager(directory).latest_step() if os.path.isdir(directory) else None)
+  manager = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
+  step = manager.latest_step() if manager else None
   if step is None:
     raise ValueError(f'No checkpoint in {directory}: train there or write one with convert.py.')
-  restored = ocp.CheckpointManager(directory).restore(step, args=ocp.args.StandardRestore())
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
   return {k: restored.get(k) for k in ('params', 'batch_stats', 'ema_params',
                                         'ema_batch_stats')}, step
 
@@ -330,11 +341,9 @@ class MetricsLog:
       if None in records:
         logging.warning('Dropping %d unreadable line(s) of %s (a write cut short).',
                         records.count(None), self.path)
-      kept = [line.rstrip('\n') + '\n' for line, record in zip(lines, records)
-              if record is not None and record['step'] <= resume_step]
-      with open(self.path + '.tmp', 'w') as f:
-        f.writelines(kept)
-      os.replace(self.path + '.tmp', self.path)
+      write_atomic(self.path, ''.join(line.rstrip('\n') + '\n'
+                                      for line, record in zip(lines, records)
+                                      if record is not None and record['step'] <= resume_step))
 
   def write(self, step: int, split: str, values: dict):
     if self.active:

@@ -56,7 +56,7 @@ def test_too_few_examples_for_a_process_is_an_error(monkeypatch):
   data = input_pipeline.load(config)
   with pytest.raises(ValueError, match=r'12 training examples \(6 for this process\), fewer '
                                        r'than one batch of batch_size=16 \(8 per process\)'):
-    input_pipeline.check_split_sizes(data, config)
+    input_pipeline.check_train_size(data, config)
 
 
 def test_a_workdir_that_cannot_be_written_is_an_error_before_loading_data(tmp_path):
