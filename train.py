@@ -237,6 +237,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """Evaluates the latest checkpoint in `workdir` on `config`'s data (eval_only); writes
   `workdir/eval_results.json`."""
   saved = workdirs.read_config(workdir)
+  workdirs.check_writable(workdir)  # for eval_results.json, before any work
   config = workdirs.with_settings(config, workdirs.settings_of(
       saved, workdirs.WEIGHT_SETTINGS + ('num_classes', 'label_offset')))
   check_config(config)
