@@ -9,11 +9,16 @@ Sources (`config.dataset`):
   (`folder_eval_fraction`) of each class, chosen by file name, is held out for evaluation;
 - 'synthetic', a generated stand-in for tests and benchmarks.
 
-Every process reads only its own part of each split (`tfds.split_for_jax_process`). The training
-stream of epoch e visits that part in an order seeded by (seed, e), and every random augmentation
-is drawn for (seed, e, example), so the batch of any step can be rebuilt: `train_batches` resumes
-a run exactly from any step. Evaluation reads the whole split once, padded to full batches with a
-`mask` that is 0 on padding, the same number of batches on every process.
+Data held in memory (`cache`, 'synthetic') is ordered globally: every process holds the whole
+training split, epoch e permutes it by (seed, e), and each process takes its slice of every global
+batch, so that N processes train on exactly the batches of one and a run may resume on another
+number of processes. Streamed data (TFDS without `cache`, 'folder:') is read in per-process parts
+(`tfds.split_for_jax_process`), each shuffled by its own buffer, as the Flax ImageNet example does:
+the same distribution on any number of processes, not the same order. Either way every random
+augmentation is drawn for (seed, e, example), so the batch of any step can be rebuilt:
+`train_batches` resumes a run exactly from any step. Evaluation reads each process's part of the
+split once, padded to full batches with a `mask` that is 0 on padding, the same number of batches
+on every process.
 
     python input_pipeline.py --config=configs/quickstart.py --bench   # host images/s
 """
@@ -84,8 +89,9 @@ def prepare_fashion_mnist(files_dir: str, data_dir: Optional[str]) -> tfds.core.
 
 @dataclasses.dataclass
 class Data:
-  """This process's part of the 'train' and 'eval' splits of a data set: examples {'image': uint8
-  HxWxC or encoded bytes, 'label': int}, streamed by tf.data or held in memory as arrays."""
+  """The 'train' and 'eval' splits of a data set, examples {'image': uint8 HxWxC or encoded
+  bytes, 'label': int}: this process's part of each, streamed by tf.data (`streams`), or every
+  process's, held in memory as arrays (`in_memory`)."""
   name: str
   num_train: int  # whole split, all processes
   num_eval: int
@@ -94,18 +100,27 @@ class Data:
   in_memory: Optional[dict[str, dict[str, np.ndarray]]] = None
 
   def examples(self, split: str) -> tf.data.Dataset:
+    """This process's part of `split`."""
     if self.in_memory:
-      return tf.data.Dataset.from_tensor_slices(self.in_memory[split])
+      arrays = self.in_memory[split]
+      part = _process_slice(len(arrays['label']))
+      return tf.data.Dataset.from_tensor_slices({k: v[part] for k, v in arrays.items()})
     return self.streams[split]
 
   def arrays(self, split: str) -> Optional[dict[str, np.ndarray]]:
+    """The whole of `split` (all processes') where it is held in memory, else None."""
     return self.in_memory[split] if self.in_memory else None
 
   def local_count(self, split: str) -> int:
-    return len(self.in_memory[split]['label']) if self.in_memory else self.stream_sizes[split]
+    """The number of examples in this process's part of `split`."""
+    if self.in_memory:
+      part = _process_slice(len(self.in_memory[split]['label']))
+      return part.stop - part.start
+    return self.stream_sizes[split]
 
 
 def _process_slice(n: int) -> slice:
+  """This process's part of n examples split as evenly as possible over the processes."""
   bounds = np.linspace(0, n, jax.process_count() + 1).astype(int)
   return slice(bounds[jax.process_index()], bounds[jax.process_index() + 1])
 
@@ -125,8 +140,7 @@ def _synthetic(config) -> Data:
   splits = {'train': split(config.synthetic_train_examples),
             'eval': split(config.synthetic_eval_examples)}
   return Data('synthetic', len(splits['train']['label']), len(splits['eval']['label']),
-              in_memory={name: {k: v[_process_slice(len(v))] for k, v in arrays.items()}
-                         for name, arrays in splits.items()})
+              in_memory=splits)
 
 
 def check_image_file(path: str) -> None:
@@ -233,16 +247,21 @@ def _tfds(config) -> Data:
       return builder.info.splits[split].num_examples
     # No recorded split sizes (a data set without metadata): count the examples.
     return int(builder.as_dataset(split=split).reduce(0, lambda count, _: count + 1))
+  def read(split):
+    return (builder.as_dataset(split=split, shuffle_files=False,
+                               read_config=tfds.ReadConfig(skip_prefetch=True))
+            .map(lambda e: {'image': e['image'], 'label': e['label']}))
   local = {k: tfds.split_for_jax_process(v, drop_remainder=False) for k, v in splits.items()}
-  streams = {k: builder.as_dataset(split=v, shuffle_files=False,
-                                   read_config=tfds.ReadConfig(skip_prefetch=True))
-             .map(lambda e: {'image': e['image'], 'label': e['label']}) for k, v in local.items()}
-  sizes = {k: size(v) for k, v in local.items()}
-  data = Data(config.dataset, size(splits['train']), size(splits['eval']), streams, sizes)
+  data = Data(config.dataset, size(splits['train']), size(splits['eval']),
+              streams={k: read(v) for k, v in local.items()},
+              stream_sizes={k: size(v) for k, v in local.items()})
   if config.cache:
-    # One batch of the whole split: `as_dataset(batch_size=-1)` relies on the recorded split
-    # sizes, which data sets without metadata (and tfds.testing.mock_data) do not have.
-    arrays = {k: tfds.as_numpy(v.batch(sizes[k]).get_single_element()) for k, v in streams.items()}
+    # Every process holds the whole of both splits (see the module's docstring), read as one
+    # batch: `as_dataset(batch_size=-1)` relies on the recorded split sizes, which data sets
+    # without metadata (and tfds.testing.mock_data) do not have.
+    whole = {'train': data.num_train, 'eval': data.num_eval}
+    arrays = {k: tfds.as_numpy(read(v).batch(whole[k]).get_single_element())
+              for k, v in splits.items()}
     data.in_memory = {k: {'image': _resize_once(v['image'], config), 'label': v['label']}
                       for k, v in arrays.items()}
   return data
@@ -388,14 +407,18 @@ def train_batches(data: Data, config, per_epoch: int, start_step: int = 0) -> It
   ordered and augmented by (seed, e)."""
   local_batch = config.batch_size // jax.process_count()
   first_epoch, offset = divmod(start_step, per_epoch)
-  count = data.local_count('train')
+  # Data in memory that fits the shuffle buffer is permuted whole, by index, and each process
+  # takes its slice of every global batch; it needs no buffer filled each epoch and (for
+  # 'pad_crop', whose images are already image_size) no per-example work at all.
+  arrays = data.arrays('train')
+  if arrays is not None and config.shuffle_buffer < data.num_train:
+    arrays = None
+  count = data.num_train if arrays is not None else data.local_count('train')
   buffer = min(config.shuffle_buffer, count)
-  # A full shuffle of data held in memory permutes indices instead of filling a buffer each epoch,
-  # and (for 'pad_crop', whose images are already image_size) needs no per-example work at all.
-  arrays = data.arrays('train') if buffer == count else None
   per_example = arrays is None or config.augment == 'inception_crop'
   if arrays is not None:
     tensors = {k: tf.convert_to_tensor(v) for k, v in arrays.items()}
+    this_process = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
   else:
     examples = data.examples('train').enumerate()
 
@@ -405,9 +428,10 @@ def train_batches(data: Data, config, per_epoch: int, start_step: int = 0) -> It
     draws = tf.random.stateless_uniform([count, 3], seed)  # one row per example of this epoch
     if arrays is not None:
       order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed)
-      ds = tf.data.Dataset.from_tensor_slices(order).batch(local_batch, drop_remainder=True)
+      ds = tf.data.Dataset.from_tensor_slices(order).batch(config.batch_size, drop_remainder=True)
       ds = ds.take(per_epoch).skip(skip).map(
-          lambda i: (i, {k: tf.gather(t, i) for k, t in tensors.items()}))
+          lambda i: (i[this_process], {k: tf.gather(t, i[this_process])
+                                       for k, t in tensors.items()}))
       if per_example:
         ds = ds.unbatch()
     else:

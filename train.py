@@ -11,8 +11,11 @@ keys are functions of the step, so a resumed run continues exactly where the fir
 """
 
 import functools
+import hashlib
+import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -40,6 +43,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from configs import default
 import complexity
@@ -165,7 +169,7 @@ def evaluate(p_eval_step, state, data, config) -> dict[str, float]:
   for batch in input_pipeline.eval_batches(data, config):
     sums = p_eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(jax_utils.unreplicate(totals))
+  totals = first_replica_on_host(totals)
   count = totals.pop('count')
   return {k: float(v / count) for k, v in totals.items()} | {'count': int(count)}
 
@@ -178,6 +182,19 @@ def create_train_state(config, model, tx) -> TrainState:
   variables = init.compile(CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None)(
       key, image)
   return workdirs.new_train_state(model.apply, variables, tx, keep_ema=config.ema_decay > 0)
+
+
+def first_replica_on_host(tree):
+  """The first local device's copy of every array of `tree` (replicated by pmap) as a NumPy
+  array, read without a collective: `x[0]` and `flax.jax_utils.unreplicate` gather whole arrays
+  across processes."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+
+
+def global_replicated(tree):
+  """`tree` (replicated by pmap over each process's devices) as global arrays replicated over all
+  devices, which Orbax saves from several processes together (written once, by process 0)."""
+  return jax.tree.map(ocp.utils.fully_replicated_host_local_array_to_global_array, tree)
 
 
 def replicate(tree):
@@ -322,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def check_finite():
     """The pending steps' metrics on the host; raises if a loss is not finite, so that no
     checkpoint or evaluation follows a diverged step."""
-    host = jax.device_get([(s, jax_utils.unreplicate(m)) for s, m in pending])
+    host = [(s, first_replica_on_host(m)) for s, m in pending]
     for s, m in host:
       if not np.isfinite(m['loss']):
         raise FloatingPointError(
@@ -362,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     nonlocal window_start
     check_finite()
     save_start = time.time()
-    workdirs.save_train_state(manager, step, jax_utils.unreplicate(state))
+    workdirs.save_train_state(manager, step, global_replicated(state))
     seconds['checkpoint'] += time.time() - save_start
     window_start += time.time() - save_start
 
@@ -437,16 +454,79 @@ def keep_on_console(record) -> bool:
               or "Unable to initialize backend 'tpu'" in record.getMessage())
 
 
+def initialize_distributed(coordinator_address: Optional[str], num_processes: Optional[int],
+                           process_id: Optional[int], initialization_timeout: int,
+                           heartbeat_timeout: int) -> None:
+  """Joins this process to a multi-process run (`jax.distributed.initialize`): with the three
+  launch settings given, or with none (Cloud TPU, SLURM and Open MPI provide them). ValueError
+  for a partial or inconsistent launch, or a coordinator not reached within
+  `initialization_timeout` seconds. Once running, every process stops (exit status 134, "the
+  JAX distributed service detected fatal errors") within `heartbeat_timeout` seconds of the death
+  of another."""
+  given = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
+           'process_id': process_id}
+  if any(v is None for v in given.values()) and any(v is not None for v in given.values()):
+    missing = [k for k, v in given.items() if v is None]
+    raise ValueError(f'--distributed needs all of --coordinator_address, --num_processes and '
+                     f'--process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and '
+                     f'JAX_PROCESS_ID), or none of them on Cloud TPU and SLURM; '
+                     f'{", ".join(missing)} missing.')
+  if num_processes is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f'process_id={process_id} must be in [0, num_processes={num_processes}).')
+  if coordinator_address is not None and process_id > 0:
+    # JAX aborts the process (no exception) when the coordinator does not answer in time.
+    wait_for_coordinator(coordinator_address, initialization_timeout)
+  jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                             initialization_timeout=initialization_timeout,
+                             heartbeat_timeout_seconds=heartbeat_timeout)
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+  """Returns once something accepts connections at `address` (host:port); ValueError naming it
+  after `timeout` seconds."""
+  host, _, port = address.rpartition(':')
+  if not host or not port.isdigit():
+    raise ValueError(f'coordinator_address={address!r} must be host:port.')
+  deadline = time.time() + timeout
+  while True:
+    try:
+      socket.create_connection((host.strip('[]'), int(port)), timeout=1).close()
+      return
+    except OSError as e:
+      if time.time() > deadline:
+        raise ValueError(
+            f'This process could not join the run coordinated at {address} within {timeout} s '
+            f'({e.strerror or e}): start process 0 there first, or check the address, port and '
+            'firewall (--coordinator_address, --initialization_timeout).') from None
+      time.sleep(0.5)
+
+
+def check_same_launch(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """ValueError on every process unless all processes of a multi-process run were given the
+  same config and workdir (otherwise they would wait for each other's checkpoints for ever)."""
+  launch = json.dumps([workdirs.config_as_dict(config), workdir], sort_keys=True)
+  digest = np.frombuffer(hashlib.sha256(launch.encode()).digest(), np.uint8)
+  digests = multihost_utils.process_allgather(digest)
+  differing = [i for i, d in enumerate(digests) if not np.array_equal(d, digests[0])]
+  if differing:
+    raise ValueError(f'Process(es) {differing} were started with another config or --workdir '
+                     'than process 0: start every process with the same command.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(keep_on_console)
-  if flags.FLAGS.distributed:
-    jax.distributed.initialize()
-  logging.info('JAX process %d of %d, %d local devices of %d: %s', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].device_kind)
   try:
+    if flags.FLAGS.distributed:
+      initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                             flags.FLAGS.process_id, flags.FLAGS.initialization_timeout,
+                             flags.FLAGS.heartbeat_timeout)
+    if jax.process_count() > 1:
+      check_same_launch(flags.FLAGS.config, flags.FLAGS.workdir)
+    logging.info('JAX process %d of %d, %d local devices of %d: %s', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.devices()[0].device_kind)
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, start_time=PROCESS_START)
   except Preempted as e:
     logging.warning('%s', e)
@@ -459,6 +539,20 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
   flags.DEFINE_bool('distributed', False,
-                    'Call jax.distributed.initialize() first (multi-process launches).')
+                    'Join a multi-process run (jax.distributed.initialize) before anything else.')
+  flags.DEFINE_string('coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS'),
+                      'With --distributed: host:port of process 0, the same on every process '
+                      '(default: $JAX_COORDINATOR_ADDRESS; not needed on Cloud TPU and SLURM).')
+  flags.DEFINE_integer('num_processes', os.environ.get('JAX_NUM_PROCESSES'),
+                       'With --distributed: how many processes (default: $JAX_NUM_PROCESSES).')
+  flags.DEFINE_integer('process_id', os.environ.get('JAX_PROCESS_ID'),
+                       'With --distributed: this process, 0 to num_processes - 1 (default: '
+                       '$JAX_PROCESS_ID).')
+  flags.DEFINE_integer('initialization_timeout', 300,
+                       'With --distributed: seconds to wait for the coordinator and the other '
+                       'processes at start-up before stopping with an error.')
+  flags.DEFINE_integer('heartbeat_timeout', 100,
+                       'With --distributed: seconds after which the other processes stop when '
+                       'one has died (a killed host, an out-of-memory kill).')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main, flags_parser=default.parse_flags)

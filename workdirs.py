@@ -17,12 +17,13 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 import flax
 from flax.training import train_state
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -204,8 +205,9 @@ FAILED_SAVE_SETTLE_SECONDS = 0.5
 
 
 def save_train_state(manager: ocp.CheckpointManager, step: int, state: TrainState) -> None:
-  """Writes `state` (on the host or on one device) as the checkpoint of `step`; ValueError if
-  the write fails, which leaves the earlier checkpoints intact and TensorStore's reports of the
+  """Writes `state` as the checkpoint of `step`, called by every process together; `state` is on
+  the host, on one device, or made of global arrays (train.global_replicated). ValueError if the
+  write fails, which leaves the earlier checkpoints intact and TensorStore's reports of the
   failure (CLOSED_LOOP_TRACEBACK) off the console."""
   error = None
   with tempfile.TemporaryFile('w+') as captured:
@@ -213,7 +215,7 @@ def save_train_state(manager: ocp.CheckpointManager, step: int, state: TrainStat
     console = os.dup(2)
     os.dup2(captured.fileno(), 2)
     try:
-      manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)))
+      manager.save(step, args=ocp.args.StandardSave(state))
     except Exception as e:  # pylint: disable=broad-except  # whatever the write raised
       error = e
       time.sleep(FAILED_SAVE_SETTLE_SECONDS)
@@ -255,6 +257,8 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState,
         logging.warning('The checkpoint at step %d does not restore (%s); moved it to %s and '
                         'resumed from step %d.', bad_step, error, target, step)
     if failures:
+      if jax.process_count() > 1:  # the other processes wait for process 0's moves
+        multihost_utils.sync_global_devices('damaged checkpoints moved')
       manager.reload()
     return restored, step
   step, error = failures[0]
@@ -264,15 +268,27 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState,
       '--workdir; the checkpoints are left as they are.')
 
 
+def restore_on_host(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
+  """(the checkpoint of `step` (default: the latest) in `workdir` as a dict of NumPy arrays, its
+  step), whatever devices and processes wrote it (Orbax restores onto the writers' devices by
+  default, which fails on any other topology)."""
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  manager = (ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
+             if os.path.isdir(directory) else None)
+  if step is None:
+    step = manager.latest_step() if manager else None
+  if step is None:
+    raise ValueError(f'No checkpoint in {directory}: train there or write one with convert.py.')
+  on_this_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_this_device),
+                        manager.item_metadata(step))
+  return jax.device_get(manager.restore(step, args=ocp.args.StandardRestore(target))), step
+
+
 def restore_variables(workdir: str) -> tuple[dict, int]:
   """({'params', 'batch_stats', 'ema_params', 'ema_batch_stats'}, step) of the latest checkpoint
   in `workdir` (the EMA entries are None where the run kept no averages)."""
-  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  manager = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
-  step = manager.latest_step() if manager else None
-  if step is None:
-    raise ValueError(f'No checkpoint in {directory}: train there or write one with convert.py.')
-  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  restored, step = restore_on_host(workdir)
   return {k: restored.get(k) for k in ('params', 'batch_stats', 'ema_params',
                                         'ema_batch_stats')}, step
 

@@ -95,9 +95,9 @@ def read_jsonl(path) -> list[dict]:
 
 def latest_state(workdir) -> tuple[int, dict]:
   """(step, the checkpoint's TrainState as a dict) of the latest checkpoint in `workdir`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  return manager.latest_step(), manager.restore(manager.latest_step())
+  import workdirs  # pylint: disable=g-import-not-at-top
+  state, step = workdirs.restore_on_host(workdir)
+  return step, state
 
 
 @pytest.fixture(scope='session')
