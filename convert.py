@@ -78,6 +78,10 @@ def import_weights(fmt: str, source_path: str, config: ml_collections.ConfigDict
                    workdir: str) -> ml_collections.ConfigDict:
   """Converts the weights file `source_path` into a new workdir; returns its config."""
   converters.supported(fmt, config.model.name)
+  if not workdirs.is_local(workdir):
+    raise ValueError(f'--workdir={workdir}: convert into a local directory (it is built next to '
+                     'its final place and renamed, which object storage cannot do), then copy it '
+                     '(gcloud storage cp -r DIR gs://...).')
   if os.path.exists(workdir) and os.listdir(workdir):
     raise ValueError(f'{workdir} exists and is not empty; give a new --workdir.')
   if not os.path.exists(source_path) and not os.path.exists(source_path + '.index'):

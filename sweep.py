@@ -11,22 +11,26 @@ zipped. Every point trains with its own `train.py` run in `DIR/<run name>/`.
 
 A point with `results.json` is finished and skipped; an interrupted one resumes from its
 checkpoint (train.py does that); a failed one is reported and the sweep goes on. Every sweep ends
-by writing DIR/results.csv, DIR/results.md and DIR/accuracy_vs_madds.{png,svg}.
+by writing DIR/results.csv, DIR/results.md and DIR/accuracy_vs_madds.{png,svg}. DIR may be a
+Cloud Storage folder (gs://), as every workdir may (workdirs.py).
 """
 
 import csv
 import dataclasses
 import importlib.util
+import io
 import itertools
 import json
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from typing import Any, Optional
 
 from absl import app
 from absl import flags
+from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
@@ -160,40 +164,44 @@ def status(run_dir: str) -> str:
   results = workdirs.read_results(run_dir)
   if results is not None:
     return 'done' if results.get('final_top1') is not None else 'failed'
-  if os.path.exists(os.path.join(run_dir, 'FAILED')):
+  if (workdirs.path_of(run_dir) / 'FAILED').exists():
     return 'failed'
-  if os.path.isdir(os.path.join(run_dir, 'checkpoints')):
+  if (workdirs.path_of(run_dir) / 'checkpoints').is_dir():
     return 'interrupted'
   return 'pending'
 
 
 def run_point(point: Point, workdir: str, command: list[str]) -> str:
-  """Runs `command` for `point` unless it has finished; its output goes to train.log."""
+  """Runs `command` for `point` unless it has finished; its output goes to train.log (on
+  object storage, which has no appends, uploaded when the run ends)."""
   run_dir = os.path.join(workdir, point.name)
   if status(run_dir) == 'done':
     return 'skipped (done)'
-  os.makedirs(run_dir, exist_ok=True)
-  failed_marker = os.path.join(run_dir, 'FAILED')
-  if os.path.exists(failed_marker):
-    os.remove(failed_marker)
-  with open(os.path.join(run_dir, 'train.log'), 'a') as log:
+  run_path = workdirs.path_of(run_dir)
+  run_path.mkdir(parents=True, exist_ok=True)
+  (run_path / 'FAILED').unlink(missing_ok=True)
+  log_path = run_path / 'train.log'
+  local = workdirs.is_local(run_dir)
+  with open(log_path, 'a') if local else tempfile.TemporaryFile('w+') as log:
     returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                  env=hugepages.environ_with_huge_pages())
+    if not local:
+      log.seek(0)
+      earlier = log_path.read_text() if log_path.exists() else ''
+      workdirs.write_atomic(log_path, earlier + log.read())
   if returncode != 0 or status(run_dir) != 'done':
-    with open(failed_marker, 'w') as f:
-      f.write(f'exit status {returncode}\n')
+    workdirs.write_atomic(run_path / 'FAILED', f'exit status {returncode}\n')
     return f'failed (exit status {returncode}; see {run_dir}/train.log)'
   return 'done'
 
 
 def save_plan(points: list[Point], workdir: str, complexities: Optional[dict] = None) -> None:
   """DIR/sweep.json: the points (and MAdds/params when known), so --collect needs no config."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'sweep.json')
+  workdirs.path_of(workdir).mkdir(parents=True, exist_ok=True)
+  path = workdirs.path_of(workdir) / 'sweep.json'
   old = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      old = {p['name']: p for p in json.load(f)['points']}
+  if path.exists():
+    old = {p['name']: p for p in json.loads(path.read_text())['points']}
   plan = []
   for point in points:
     entry = {'name': point.name, 'base': point.base, 'overrides': list(point.overrides)}
@@ -210,10 +218,10 @@ def save_plan(points: list[Point], workdir: str, complexities: Optional[dict] = 
 
 def collect(workdir: str) -> list[dict]:
   """Writes DIR/results.csv, DIR/results.md and the plot; returns the rows."""
-  if not os.path.exists(os.path.join(workdir, 'sweep.json')):
+  plan_path = workdirs.path_of(workdir) / 'sweep.json'
+  if not plan_path.exists():
     raise ValueError(f'{workdir} has no sweep.json: it is not a sweep directory of sweep.py.')
-  with open(os.path.join(workdir, 'sweep.json')) as f:
-    plan = json.load(f)['points']
+  plan = json.loads(plan_path.read_text())['points']
   rows = []
   for entry in plan:
     run_dir = os.path.join(workdir, entry['name'])
@@ -229,14 +237,14 @@ def collect(workdir: str) -> list[dict]:
                  wall_time_sec=results['wall_time_sec'],
                  **{k: results.get(k) for k in ('compile_sec', 'eval_sec', 'checkpoint_sec')})
     rows.append(row)
-  with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(markdown_table(rows))
+  table = io.StringIO(newline='')
+  writer = csv.DictWriter(table, COLUMNS)
+  writer.writeheader()
+  writer.writerows(rows)
+  workdirs.write_atomic(workdirs.path_of(workdir) / 'results.csv', table.getvalue())
+  workdirs.write_atomic(workdirs.path_of(workdir) / 'results.md', markdown_table(rows))
   datasets = {entry['identity']['dataset'] for entry in plan}
-  plot(rows, os.path.join(workdir, 'accuracy_vs_madds'),
+  plot(rows, workdirs.path_of(workdir) / 'accuracy_vs_madds',
        published=read_published() if datasets == {'imagenet2012'} else [])
   return rows
 
@@ -302,7 +310,9 @@ def plot(rows: list[dict], path_stem: str, published: list[dict]) -> None:
     ax.legend(fontsize=8)
   fig.tight_layout()
   for suffix in ('png', 'svg'):
-    fig.savefig(f'{path_stem}.{suffix}', dpi=150)
+    image = io.BytesIO()
+    fig.savefig(image, format=suffix, dpi=150)
+    epath.Path(f'{path_stem}.{suffix}').write_bytes(image.getvalue())
   plt.close(fig)
 
 
@@ -328,7 +338,8 @@ def main(argv):
     check_workdir(points, f.workdir)
   except ValueError as e:
     raise SystemExit(f'error: {e}') from None
-  workdir = os.path.abspath(f.workdir) if f.launch == 'local' else f.workdir
+  workdir = (os.path.abspath(f.workdir) if f.launch == 'local' and workdirs.is_local(f.workdir)
+             else f.workdir)
 
   def command(point):
     if f.launch == 'local':

@@ -269,7 +269,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             'image_size': config.image_size, **result}
   logging.info('eval of the checkpoint at step %d: %s', step, result)
   if jax.process_index() == 0:
-    workdirs.write_json_atomic(os.path.join(workdir, 'eval_results.json'), result)
+    workdirs.write_json_atomic(workdirs.path_of(workdir) / 'eval_results.json', result)
   return result
 
 
@@ -323,7 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Initialised from the latest checkpoint in %s.', config.init_from)
   workdirs.write_config(workdir, config, changes, start_step)
   metrics_log = workdirs.MetricsLog(workdir, start_step)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0 or not config.tensorboard)
   if start_step == 0:
     writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in
                           flax.traverse_util.flatten_dict(config.to_dict(), sep='.').items()})
@@ -415,7 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   seconds['wall'] = time.time() - start_time
   results = run_summary(config, history, total_steps, seconds)
   if jax.process_index() == 0:
-    workdirs.write_json_atomic(os.path.join(workdir, 'results.json'), results)
+    workdirs.write_json_atomic(workdirs.path_of(workdir) / 'results.json', results)
   return results
 
 

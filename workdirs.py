@@ -9,6 +9,13 @@
 
 train.py, convert.py, predict.py and sweep.py use these functions and no other path into a
 workdir, so that a workdir written by one of them is read the same way by all the others.
+
+A workdir is a local directory or a Cloud Storage (gs://) folder: every access goes through
+`etils.epath` (which Orbax uses too; for gs:// it uses TensorFlow's GCS client where TensorFlow is
+installed, or gcsfs with EPATH_USE_TF=false). Object storage has neither appends nor atomic
+renames, but a single object upload is all-or-nothing: a reader sees the old object or the new
+one. So files are written whole, in one upload (`write_atomic`), never appended to: the metrics
+log is rewritten whole at every log step (small: one line per logged step).
 """
 
 import json
@@ -20,6 +27,7 @@ import time
 from typing import Any, Optional
 
 from absl import logging
+from etils import epath
 import flax
 from flax.training import train_state
 import jax
@@ -35,9 +43,9 @@ from configs import default
 # The settings a resumed run may change: how long it trains, what it logs, evaluates and keeps,
 # and where the data are. Every other setting decides the training trajectory (the data order, the
 # schedule, the network) and must stay as the checkpoints' run had it.
-RESUME_MAY_CHANGE = ('num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_epochs',
-                     'eval_every_steps', 'checkpoint_every_epochs', 'checkpoint_every_steps',
-                     'keep_checkpoints', 'eval_batch_size', 'eval_split', 'prefetch_batches',
+RESUME_MAY_CHANGE = ('num_epochs', 'num_train_steps', 'log_every_steps', 'tensorboard',
+                     'eval_every_epochs', 'eval_every_steps', 'checkpoint_every_epochs',
+                     'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'eval_split', 'prefetch_batches',
                      'data_threads', 'data_dir', 'download', 'fashion_mnist_files', 'init_from')
 # Settings that belong to a checkpoint's weights: the network, what its inputs are normalized to
 # and its BatchNorm epsilon. Evaluating (eval_only), fine-tuning (init_from) and predict.py take
@@ -71,11 +79,25 @@ def new_train_state(apply_fn, variables: dict, tx: optax.GradientTransformation,
                            ema_params=ema_params, ema_batch_stats=ema_batch_stats)
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file, so a reader never sees half a file."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
+def is_local(path) -> bool:
+  """False for object storage paths (gs://, s3://)."""
+  return '://' not in os.fspath(path)
+
+
+def path_of(workdir) -> epath.Path:
+  """`workdir` as an epath.Path: absolute where it is local (Orbax needs that)."""
+  return epath.Path(os.path.abspath(workdir) if is_local(workdir) else workdir)
+
+
+def write_atomic(path, text: str) -> None:
+  """Writes `text` to `path` so that a reader never sees half a file: through a temporary file
+  renamed into place on a local disk, in one upload on object storage."""
+  path = epath.Path(path)
+  if not is_local(path):
+    path.write_text(text)
+    return
+  tmp = path.parent / f'{path.name}.tmp'
+  tmp.write_text(text)
   os.replace(tmp, path)
 
 
@@ -89,40 +111,39 @@ def config_as_dict(config: ml_collections.ConfigDict) -> dict:
 
 def read_config(workdir: str) -> dict:
   """The config.json that train.py or convert.py wrote in `workdir`, as a dict."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
+  path = path_of(workdir) / 'config.json'
+  if not path.is_file():
     raise ValueError(f'{workdir} has no config.json: it is not a workdir of train.py or '
                      'convert.py.')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def read_results(workdir: str):
   """The results.json of a finished run in `workdir`, or None."""
-  path = os.path.join(workdir, 'results.json')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  path = path_of(workdir) / 'results.json'
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def check_writable(workdir: str) -> None:
-  """Creates `workdir` if needed; ValueError if a file cannot be written there."""
-  probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
+  """Creates `workdir` if needed; ValueError if a file cannot be written there (on gs://: no
+  network or no credentials), before any work."""
+  probe = path_of(workdir) / f'.write_test.{os.getpid()}'
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise ValueError(f'Cannot write to --workdir={workdir} ({e.strerror}): choose a writable '
-                     'directory.') from None
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text('ok')
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except  # OSError; cloud clients raise others
+    reason = getattr(e, 'strerror', None) or str(e).splitlines()[0][:300]
+    hint = ('check the bucket name, the network and the credentials (gcloud auth '
+            'application-default login)' if not is_local(workdir) else 'choose a writable '
+            'directory')
+    raise ValueError(f'Cannot write to --workdir={workdir} ({reason}): {hint}.') from None
 
 
 def config_differences(workdir: str, config: ml_collections.ConfigDict) -> dict:
   """{field: [saved, current]} of every dotted field in which `config` differs from the
   config.json of `workdir` ({} where there is none)."""
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
+  if not (path_of(workdir) / 'config.json').exists():
     return {}
   saved = flax.traverse_util.flatten_dict(read_config(workdir), sep='.')
   current = flax.traverse_util.flatten_dict(config_as_dict(config), sep='.')
@@ -151,9 +172,10 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, changes: dict,
     return
   if changes:
     logging.warning('Resuming at step %d with changed settings: %s', step, changes)
-    with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:
-      f.write(json.dumps({'step': step, 'changes': changes}) + '\n')
-  write_json_atomic(os.path.join(workdir, 'config.json'), config_as_dict(config))
+    log = path_of(workdir) / 'config_changes.jsonl'
+    earlier = log.read_text() if log.exists() else ''
+    write_atomic(log, earlier + json.dumps({'step': step, 'changes': changes}) + '\n')
+  write_json_atomic(path_of(workdir) / 'config.json', config_as_dict(config))
 
 
 def settings_of(saved: dict, fields) -> dict:
@@ -187,7 +209,7 @@ def checkpoint_manager(workdir: str, keep: int = 1) -> ocp.CheckpointManager:
   """The Orbax manager of `workdir/checkpoints`, keeping the last `keep` checkpoints. It writes
   synchronously (a few MB for these networks), so that a failed write stops the run at once."""
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')),
+      path_of(workdir) / 'checkpoints',
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False))
 
@@ -249,11 +271,11 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState,
       failures.append((step, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'))
       continue
     if failures and jax.process_index() == 0:
-      damaged = os.path.join(workdir, 'damaged_checkpoints')
-      os.makedirs(damaged, exist_ok=True)
+      damaged = path_of(workdir) / 'damaged_checkpoints'
+      damaged.mkdir(parents=True, exist_ok=True)
       for bad_step, error in failures:
-        target = os.path.join(damaged, f'{bad_step}.{int(time.time())}')
-        os.rename(os.path.join(manager.directory, str(bad_step)), target)
+        target = damaged / f'{bad_step}.{int(time.time())}'
+        (epath.Path(manager.directory) / str(bad_step)).rename(target)
         logging.warning('The checkpoint at step %d does not restore (%s); moved it to %s and '
                         'resumed from step %d.', bad_step, error, target, step)
     if failures:
@@ -272,9 +294,9 @@ def restore_on_host(workdir: str, step: Optional[int] = None) -> tuple[dict, int
   """(the checkpoint of `step` (default: the latest) in `workdir` as a dict of NumPy arrays, its
   step), whatever devices and processes wrote it (Orbax restores onto the writers' devices by
   default, which fails on any other topology)."""
-  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  directory = path_of(workdir) / 'checkpoints'
   manager = (ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
-             if os.path.isdir(directory) else None)
+             if directory.is_dir() else None)
   if step is None:
     step = manager.latest_step() if manager else None
   if step is None:
@@ -345,23 +367,23 @@ class MetricsLog:
 
   Opening it for a run that resumes at `resume_step` drops the lines written after that step's
   checkpoint, so the history of a resumed run has no duplicates, and any line a crash left half
-  written."""
+  written. Every write rewrites the file whole (`write_atomic`), as object storage requires."""
 
   def __init__(self, workdir: str, resume_step: int):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = path_of(workdir) / 'metrics.jsonl'
     self.active = jax.process_index() == 0
-    if self.active and os.path.exists(self.path):
-      with open(self.path) as f:
-        lines = [line for line in f if line.strip()]
+    self.lines = []
+    if self.active and self.path.exists():
+      lines = [line for line in self.path.read_text().splitlines() if line.strip()]
       records = [_json_or_none(line) for line in lines]
       if None in records:
         logging.warning('Dropping %d unreadable line(s) of %s (a write cut short).',
                         records.count(None), self.path)
-      write_atomic(self.path, ''.join(line.rstrip('\n') + '\n'
-                                      for line, record in zip(lines, records)
-                                      if record is not None and record['step'] <= resume_step))
+      self.lines = [line for line, record in zip(lines, records)
+                    if record is not None and record['step'] <= resume_step]
+      write_atomic(self.path, ''.join(line + '\n' for line in self.lines))
 
   def write(self, step: int, split: str, values: dict):
     if self.active:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps({'step': step, 'split': split, **values}) + '\n')
+      self.lines.append(json.dumps({'step': step, 'split': split, **values}))
+      write_atomic(self.path, ''.join(line + '\n' for line in self.lines))

@@ -195,6 +195,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Logging (in steps), evaluation and checkpoints (in epochs; the *_steps fields, when > 0,
   # override them). Every run also evaluates and checkpoints its last step.
   config.log_every_steps = 50
+  # TensorBoard event files in the workdir, written by TensorFlow's own file system (local or
+  # gs://); metrics.jsonl holds the same values either way.
+  config.tensorboard = True
   config.eval_every_epochs = 1.0
   config.eval_every_steps = -1
   config.checkpoint_every_epochs = 1.0
