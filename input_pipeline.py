@@ -102,10 +102,13 @@ class Data:
   def examples(self, split: str) -> tf.data.Dataset:
     """This process's part of `split`."""
     if self.in_memory:
-      arrays = self.in_memory[split]
-      part = _process_slice(len(arrays['label']))
-      return tf.data.Dataset.from_tensor_slices({k: v[part] for k, v in arrays.items()})
+      return tf.data.Dataset.from_tensor_slices(self._local_arrays(split))
     return self.streams[split]
+
+  def _local_arrays(self, split: str) -> dict[str, np.ndarray]:
+    arrays = self.in_memory[split]
+    part = _process_slice(len(arrays['label']))
+    return {k: v[part] for k, v in arrays.items()}
 
   def arrays(self, split: str) -> Optional[dict[str, np.ndarray]]:
     """The whole of `split` (all processes') where it is held in memory, else None."""
@@ -114,8 +117,7 @@ class Data:
   def local_count(self, split: str) -> int:
     """The number of examples in this process's part of `split`."""
     if self.in_memory:
-      part = _process_slice(len(self.in_memory[split]['label']))
-      return part.stop - part.start
+      return len(self._local_arrays(split)['label'])
     return self.stream_sizes[split]
 
 

@@ -381,9 +381,12 @@ class MetricsLog:
                         records.count(None), self.path)
       self.lines = [line for line, record in zip(lines, records)
                     if record is not None and record['step'] <= resume_step]
-      write_atomic(self.path, ''.join(line + '\n' for line in self.lines))
+      self._rewrite()
 
   def write(self, step: int, split: str, values: dict):
     if self.active:
       self.lines.append(json.dumps({'step': step, 'split': split, **values}))
-      write_atomic(self.path, ''.join(line + '\n' for line in self.lines))
+      self._rewrite()
+
+  def _rewrite(self):
+    write_atomic(self.path, ''.join(line + '\n' for line in self.lines))
