@@ -216,21 +216,30 @@ def checkpoint_manager(workdir: str, keep: int = 1) -> ocp.CheckpointManager:
 
 # When one array of a checkpoint fails to write (a full disk), Orbax closes the save's event loop
 # and TensorStore then reports every other array's completion to it from its own threads, printing
-# an 'Event loop is closed' traceback each, interleaved (hundreds for these networks). These are
-# their pieces.
-CLOSED_LOOP_TRACEBACK = re.compile(
-    r'Traceback \(most recent call last\):|File "[^"]*asyncio/base_events\.py", line \d+, in '
-    r"\w+|self\._check_closed\(\)|raise RuntimeError\('Event loop is closed'\)|RuntimeError|"
-    r'Event loop is closed')
-# How long the other arrays' writes take to finish and report after one failed.
-FAILED_SAVE_SETTLE_SECONDS = 0.5
+# an 'Event loop is closed' traceback each, interleaved down to pieces of words (hundreds for these
+# networks). Of a failed save's output only the log records (absl's 'E1124 06:00:01.000 ...'
+# lines) are kept.
+LOG_RECORD = re.compile(r'[IWEF]\d{4} ')
+# After one array failed, the other arrays' writes finish and report for a while: their reports
+# are awaited until none has come for FAILED_SAVE_QUIET_SECONDS (FAILED_SAVE_MAX_SECONDS at most).
+FAILED_SAVE_QUIET_SECONDS = 0.5
+FAILED_SAVE_MAX_SECONDS = 10.0
+
+
+def _wait_until_quiet(captured) -> None:
+  """Returns once the file `captured` has not grown for FAILED_SAVE_QUIET_SECONDS."""
+  deadline = time.time() + FAILED_SAVE_MAX_SECONDS
+  size = -1
+  while time.time() < deadline and os.fstat(captured.fileno()).st_size != size:
+    size = os.fstat(captured.fileno()).st_size
+    time.sleep(FAILED_SAVE_QUIET_SECONDS)
 
 
 def save_train_state(manager: ocp.CheckpointManager, step: int, state: TrainState) -> None:
   """Writes `state` as the checkpoint of `step`, called by every process together; `state` is on
   the host, on one device, or made of global arrays (train.global_replicated). ValueError if the
   write fails, which leaves the earlier checkpoints intact and TensorStore's reports of the
-  failure (CLOSED_LOOP_TRACEBACK) off the console."""
+  failure (all but LOG_RECORD lines) off the console."""
   error = None
   with tempfile.TemporaryFile('w+') as captured:
     sys.stderr.flush()
@@ -240,7 +249,7 @@ def save_train_state(manager: ocp.CheckpointManager, step: int, state: TrainStat
       manager.save(step, args=ocp.args.StandardSave(state))
     except Exception as e:  # pylint: disable=broad-except  # whatever the write raised
       error = e
-      time.sleep(FAILED_SAVE_SETTLE_SECONDS)
+      _wait_until_quiet(captured)
     finally:
       sys.stderr.flush()
       os.dup2(console, 2)
@@ -248,8 +257,7 @@ def save_train_state(manager: ocp.CheckpointManager, step: int, state: TrainStat
     captured.seek(0)
     output = captured.read()
   if error is not None:
-    output = ''.join(line for line in CLOSED_LOOP_TRACEBACK.sub('', output).splitlines(True)
-                     if line.strip(' :\n'))
+    output = ''.join(line for line in output.splitlines(True) if LOG_RECORD.match(line))
   sys.stderr.write(output)
   if error is not None:
     raise ValueError(
