@@ -146,6 +146,9 @@ def config_differences(workdir: str, config: ml_collections.ConfigDict) -> dict:
   if not (path_of(workdir) / 'config.json').exists():
     return {}
   saved = flax.traverse_util.flatten_dict(read_config(workdir), sep='.')
+  # A config.json written before the ablation settings existed ran with their defaults.
+  for field, value in default.ABLATIONS.get(saved.get('model.name'), {}).items():
+    saved.setdefault(f'model.{field}', value)
   current = flax.traverse_util.flatten_dict(config_as_dict(config), sep='.')
   return {k: [saved.get(k), current.get(k)] for k in sorted(saved.keys() | current.keys())
           if saved.get(k) != current.get(k)}

@@ -73,6 +73,15 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   return values
 
 
+# The ablation settings of each network and the value that builds the paper's main network:
+# MobileNet V1 Tables 4 and 5, MobileNet V2 Figure 6, ShuffleNet Tables 3 and 5.
+ABLATIONS = {
+    'mobilenet_v1': {'separable': True, 'shallow': False},
+    'mobilenet_v2': {'bottleneck_activation': 'linear', 'shortcut': 'bottleneck'},
+    'shufflenet': {'channel_shuffle': True, 'shallow': False, 'se_reduction': 0},
+}
+
+
 def set_model(config: ml_collections.ConfigDict, name: str, alpha: float,
               groups: int = 3) -> None:
   """Selects the network and its width (ShuffleNet: scale s and groups g)."""
@@ -81,6 +90,9 @@ def set_model(config: ml_collections.ConfigDict, name: str, alpha: float,
   if name in ('mobilenet_v2', 'shufflenet'):
     # BatchNorm scale 0 at the end of residual branches (models/layers.py); off in the papers.
     config.model.zero_init_residual = False
+  # The papers' ablations (ABLATIONS), each off by default; see the model's docstring.
+  for field, value in ABLATIONS.get(name, {}).items():
+    config.model[field] = value
   if name == 'shufflenet':
     config.model.groups = groups
     # Stride-2 units: pooled shortcut before the branch (official); False for pytorchcv weights.

@@ -149,6 +149,22 @@ class ConvBN(nn.Module):
     return x if self.act is None else self.act(x)
 
 
+class SqueezeExcitation(nn.Module):
+  """Squeeze-and-excitation (Hu et al. 2018, Figure 1): global average pool -> fully connected to
+  channels / `reduction` -> ReLU -> fully connected back -> sigmoid, which scales every channel."""
+  reduction: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    weights = jnp.mean(x, axis=(1, 2))
+    weights = nn.relu(nn.Dense(max(1, channels // self.reduction), dtype=self.dtype,
+                               name='reduce')(weights))
+    weights = nn.sigmoid(nn.Dense(channels, dtype=self.dtype, name='restore')(weights))
+    return x * weights[:, None, None, :]
+
+
 def depthwise(channels: int, **kwargs) -> dict:
   """Keyword arguments that make a `ConvBN` depthwise over `channels` channels."""
   return dict(features=channels, groups=channels, **kwargs)
