@@ -46,7 +46,9 @@ COLUMNS = ('run', 'model', 'alpha', 'groups', 'image_size', 'macs', 'params', 't
            'ema_top1', 'train_images_per_sec', 'wall_time_sec', 'compile_sec', 'eval_sec',
            'checkpoint_sec', 'status')
 # Short names of the usual axes in run names; other fields use their last path component.
-SHORT_NAMES = {'model.alpha': 'a', 'model.groups': 'g', 'image_size': 'r'}
+SHORT_NAMES = {'model.alpha': 'a', 'model.groups': 'g', 'image_size': 'r',
+               'model.channel_shuffle': 'shuffle', 'model.se_reduction': 'se',
+               'model.bottleneck_activation': 'bottleneck_', 'model.shortcut': 'shortcut_'}
 
 
 @dataclasses.dataclass(frozen=True)
