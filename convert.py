@@ -50,6 +50,17 @@ def converted_config(fmt: str, config: ml_collections.ConfigDict,
   return workdirs.with_settings(config, settings)
 
 
+def check_main_network(config: ml_collections.ConfigDict) -> None:
+  """ValueError for an ablation variant: the published weights and the Keras applications are
+  the papers' main networks."""
+  changed = default.changed_ablations(config.model)
+  if changed:
+    field, value = next(iter(changed.items()))
+    raise ValueError(f'model.{field}={value!r} builds an ablation variant, and converters take '
+                     f'only the papers\' main networks: leave model.{field} at '
+                     f'{default.ABLATIONS[config.model.name][field]!r}.')
+
+
 def variable_shapes(config: ml_collections.ConfigDict) -> dict:
   model = models.get_model(config)
   image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
@@ -78,6 +89,7 @@ def import_weights(fmt: str, source_path: str, config: ml_collections.ConfigDict
                    workdir: str) -> ml_collections.ConfigDict:
   """Converts the weights file `source_path` into a new workdir; returns its config."""
   converters.supported(fmt, config.model.name)
+  check_main_network(config)
   if not workdirs.is_local(workdir):
     raise ValueError(f'--workdir={workdir}: convert into a local directory (it is built next to '
                      'its final place and renamed, which object storage cannot do), then copy it '
@@ -106,6 +118,7 @@ def export_keras(workdir: str, target: str, ema: bool = False) -> None:
     raise ValueError(f'--export={target}: Keras weight files end in .weights.h5.')
   config, variables = workdirs.load_for_inference(workdir, ema)
   converters.supported('keras', config.model.name)
+  check_main_network(config)
   variables = converters.fold_bn_epsilon(variables, config.model.bn_epsilon, 1e-3)
   model = converters.keras_application(config)
   shapes = {name: value.shape for name, value in converters.keras_weights(model).items()}

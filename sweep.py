@@ -15,6 +15,7 @@ by writing DIR/results.csv, DIR/results.md and DIR/accuracy_vs_madds.{png,svg}. 
 Cloud Storage folder (gs://), as every workdir may (workdirs.py).
 """
 
+import collections
 import csv
 import dataclasses
 import importlib.util
@@ -22,7 +23,9 @@ import io
 import itertools
 import json
 import os
+import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,10 +44,14 @@ import models
 import workdirs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PUBLISHED = os.path.join(ROOT, 'configs', 'sweeps', 'published_imagenet.csv')
-COLUMNS = ('run', 'model', 'alpha', 'groups', 'image_size', 'macs', 'params', 'top1', 'top5',
-           'ema_top1', 'train_images_per_sec', 'wall_time_sec', 'compile_sec', 'eval_sec',
-           'checkpoint_sec', 'status')
+PUBLISHED = os.path.join(ROOT, 'configs', 'sweeps', 'published.csv')
+COLUMNS = ('run', 'model', 'alpha', 'groups', 'image_size', 'variant', 'macs', 'params', 'top1',
+           'top5', 'ema_top1', 'train_images_per_sec', 'wall_time_sec', 'compile_sec', 'eval_sec',
+           'checkpoint_sec', 'status', 'paper_label', 'paper_madds_millions', 'paper_top1')
+# Varied fields left out of run names: paths, which follow from the settings that are named.
+UNNAMED_FIELDS = ('init_from',)
+SEED_PART = re.compile(r'-seed\d+')
+IDENTITY = ('dataset', 'model', 'alpha', 'groups', 'image_size', 'variant')
 # Short names of the usual axes in run names; other fields use their last path component.
 SHORT_NAMES = {'model.alpha': 'a', 'model.groups': 'g', 'image_size': 'r',
                'model.channel_shuffle': 'shuffle', 'model.se_reduction': 'se',
@@ -100,15 +107,31 @@ def set_field(config: ml_collections.ConfigDict, field: str, value) -> None:
 
 
 def run_name(config: ml_collections.ConfigDict, fields) -> str:
-  """'mobilenet_v2-a0.5-r160', 'shufflenet-g3-a0.5-r224', plus any other varied field."""
+  """'mobilenet_v2-a0.5-r160', 'shufflenet-g3-a0.5-r224', plus any other varied field except
+  UNNAMED_FIELDS (characters other than letters, digits, '.' and '_' become '_')."""
   identity = ['model.alpha', 'image_size']
   if config.model.name == 'shufflenet':
     identity.insert(0, 'model.groups')
   parts = [config.model.name]
-  for field in identity + [f for f in fields if f not in identity]:
+  for field in identity + [f for f in fields if f not in identity + list(UNNAMED_FIELDS)]:
     short_name = SHORT_NAMES.get(field, field.split('.')[-1])
-    parts.append(f'{short_name}{_format(default.get_field(config, field))}')
+    value = re.sub(r'[^\w.]', '_', _format(default.get_field(config, field)))
+    parts.append(f'{short_name}{value}')
   return '-'.join(parts)
+
+
+def variant(config: ml_collections.ConfigDict) -> str:
+  """The ablation settings in which `config`'s network differs from the paper's main network,
+  as 'field=value' joined by ';' ('' for the main network): 'separable=False'."""
+  return ';'.join(f'{field}={value}'
+                  for field, value in default.changed_ablations(config.model).items())
+
+
+def identity(config: ml_collections.ConfigDict) -> dict:
+  """What a point is, for tables and for matching the papers' rows: IDENTITY's fields."""
+  return {'dataset': config.dataset, 'model': config.model.name, 'alpha': config.model.alpha,
+          'groups': config.model.get('groups'), 'image_size': config.image_size,
+          'variant': variant(config)}
 
 
 def expand(sweep: ml_collections.ConfigDict) -> list[Point]:
@@ -210,10 +233,7 @@ def save_plan(points: list[Point], workdir: str, complexities: Optional[dict] = 
     known = (complexities or {}).get(point.name) or old.get(point.name, {}).get('complexity')
     if known:
       entry['complexity'] = known
-    config = point.config()
-    entry['identity'] = {'model': config.model.name, 'alpha': config.model.alpha,
-                         'groups': config.model.get('groups'), 'image_size': config.image_size,
-                         'dataset': config.dataset}
+    entry['identity'] = identity(point.config())
     plan.append(entry)
   workdirs.write_json_atomic(path, {'points': plan})
 
@@ -224,13 +244,19 @@ def collect(workdir: str) -> list[dict]:
   if not plan_path.exists():
     raise ValueError(f'{workdir} has no sweep.json: it is not a sweep directory of sweep.py.')
   plan = json.loads(plan_path.read_text())['points']
+  published = {_published_key(p): p for p in read_published()}
   rows = []
   for entry in plan:
     run_dir = os.path.join(workdir, entry['name'])
     row = dict.fromkeys(COLUMNS)
-    row.update(run=entry['name'], status=status(run_dir), **{
-        k: entry['identity'][k] for k in ('model', 'alpha', 'groups', 'image_size')})
+    point = {'variant': '', **entry['identity']}  # plans written before variants had none
+    row.update(run=entry['name'], status=status(run_dir),
+               **{k: point[k] for k in IDENTITY if k != 'dataset'})
     row.update(entry.get('complexity', {}))
+    paper = published.get(_published_key(point))
+    if paper:
+      row.update(paper_label=paper['label'], paper_madds_millions=_number(paper['madds_millions']),
+                 paper_top1=_number(paper['top1']))
     if row['status'] == 'done':
       results = workdirs.read_results(run_dir)
       row.update(macs=results['macs'], params=results['params'], top1=results['final_top1'],
@@ -245,61 +271,98 @@ def collect(workdir: str) -> list[dict]:
   writer.writerows(rows)
   workdirs.write_atomic(workdirs.path_of(workdir) / 'results.csv', table.getvalue())
   workdirs.write_atomic(workdirs.path_of(workdir) / 'results.md', markdown_table(rows))
-  datasets = {entry['identity']['dataset'] for entry in plan}
-  plot(rows, workdirs.path_of(workdir) / 'accuracy_vs_madds',
-       published=read_published() if datasets == {'imagenet2012'} else [])
+  plot(rows, workdirs.path_of(workdir) / 'accuracy_vs_madds')
   return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-  header = ('run', 'model', 'alpha', 'groups', 'image size', 'MAdds (M)', 'params (M)',
-            'top-1 %', 'top-5 %', 'EMA top-1 %', 'train img/s', 'wall time', 'status')
+  """The collected table; with the papers' label, MAdds and top-1 where a row matches."""
+  header = ('run', 'model', 'alpha', 'groups', 'image size', 'variant', 'MAdds (M)',
+            'params (M)', 'top-1 %', 'top-5 %', 'EMA top-1 %', 'train img/s', 'wall time',
+            'status', 'paper', 'paper MAdds (M)', 'paper top-1 %')
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   def number(value, scale=1.0, digits=1):
     return '' if value is None else f'{value * scale:.{digits}f}'
   for r in rows:
     wall = '' if r['wall_time_sec'] is None else f'{r["wall_time_sec"] / 60:.1f} min'
     cells = (r['run'], r['model'], f'{r["alpha"]:g}', '' if r['groups'] is None else r['groups'],
-             r['image_size'], number(r['macs'], 1e-6), number(r['params'], 1e-6, 2),
-             number(r['top1'], 100, 2), number(r['top5'], 100, 2), number(r['ema_top1'], 100, 2),
-             number(r['train_images_per_sec'], 1, 0), wall, r['status'])
+             r['image_size'], r['variant'] or '', number(r['macs'], 1e-6),
+             number(r['params'], 1e-6, 2), number(r['top1'], 100, 2), number(r['top5'], 100, 2),
+             number(r['ema_top1'], 100, 2), number(r['train_images_per_sec'], 1, 0), wall,
+             r['status'], r['paper_label'] or '', number(r['paper_madds_millions'], 1, 0),
+             number(r['paper_top1'], 1, 1))
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
+  return '\n'.join(lines) + '\n' + seed_summary(rows)
+
+
+def seed_summary(rows: list[dict]) -> str:
+  """A table of top-1 over the seeds of each setting (finished runs whose names differ only in
+  their '-seed<k>' part): mean, sample standard deviation and range; '' where no run has one."""
+  seeds = collections.defaultdict(list)
+  for r in rows:
+    if r['top1'] is not None and SEED_PART.search(r['run']):
+      seeds[SEED_PART.sub('', r['run'])].append(100 * r['top1'])
+  if not seeds:
+    return ''
+  lines = ['', '| setting | seeds | mean top-1 % | std | min | max |', '|---|---|---|---|---|---|']
+  for setting, top1 in seeds.items():
+    std = statistics.stdev(top1) if len(top1) > 1 else float('nan')
+    lines.append(f'| {setting} | {len(top1)} | {statistics.mean(top1):.2f} | {std:.2f} | '
+                 f'{min(top1):.2f} | {max(top1):.2f} |')
   return '\n'.join(lines) + '\n'
 
 
 def read_published() -> list[dict]:
+  """The papers' rows (configs/sweeps/published.csv)."""
   with open(PUBLISHED) as f:
     return list(csv.DictReader(line for line in f if not line.startswith('#')))
 
 
+def _number(text: str) -> Optional[float]:
+  return float(text) if text else None
+
+
+def _published_key(point: dict) -> tuple:
+  """IDENTITY's values of a plan entry or of a row of published.csv, as comparable text."""
+  def text(field):
+    value = point[field]
+    if field in ('alpha', 'groups', 'image_size'):
+      return '' if value in (None, '') else f'{float(value):g}'
+    return str(value)
+  return tuple(text(field) for field in IDENTITY)
+
+
 def family(row: dict) -> str:
-  """Points of one family differ only in width: same model, groups and resolution."""
+  """Points of one family differ only in width: same model, groups, resolution and variant."""
   groups = f' g={row["groups"]}' if row['model'] == 'shufflenet' else ''
-  return f'{row["model"]}{groups}, {row["image_size"]} px'
+  variant_part = f', {row["variant"]}' if row.get('variant') else ''
+  return f'{row["model"]}{groups}, {row["image_size"]} px{variant_part}'
 
 
-def plot(rows: list[dict], path_stem: str, published: list[dict]) -> None:
-  """Top-1 against MAdds (log axis), one line per family, points labelled width/resolution."""
+def plot(rows: list[dict], path_stem: str) -> None:
+  """Top-1 against MAdds (log axis), one line per family, points labelled width/resolution;
+  the papers' rows that match points of the sweep as crosses of the family's colour."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 
   fig, ax = plt.subplots(figsize=(8, 5.5))
-  finished = [r for r in rows if r['top1'] is not None]
-  for name in sorted({family(r) for r in finished}):
-    members = sorted((r for r in finished if family(r) == name), key=lambda r: r['macs'])
-    x = [r['macs'] / 1e6 for r in members]
-    y = [100 * r['top1'] for r in members]
-    ax.plot(x, y, marker='o', label=name)
-    for r, xi, yi in zip(members, x, y):
-      ax.annotate(f'{r["alpha"]:g}/{r["image_size"]}', (xi, yi), textcoords='offset points',
-                  xytext=(4, 4), fontsize=7)
-  models_run = {r['model'] for r in rows}
-  for model in sorted({p['model'] for p in published} & models_run):
-    points = [p for p in published if p['model'] == model]
-    ax.scatter([float(p['madds_millions']) for p in points], [float(p['top1']) for p in points],
-               marker='x', label=f'{model}, published')
+  for name in sorted({family(r) for r in rows}):
+    members = sorted((r for r in rows if family(r) == name), key=lambda r: r['macs'] or 0)
+    finished = [r for r in members if r['top1'] is not None]
+    color = None
+    if finished:
+      x = [r['macs'] / 1e6 for r in finished]
+      y = [100 * r['top1'] for r in finished]
+      color = ax.plot(x, y, marker='o', label=name)[0].get_color()
+      for r, xi, yi in zip(finished, x, y):
+        ax.annotate(f'{r["alpha"]:g}/{r["image_size"]}', (xi, yi), textcoords='offset points',
+                    xytext=(4, 4), fontsize=7)
+    paper = [r for r in members if r['paper_top1'] is not None]
+    if paper:
+      ax.scatter([r['paper_madds_millions'] for r in paper], [r['paper_top1'] for r in paper],
+                 marker='x', color=color, label=f'{name}, published')
   ax.set_xscale('log')
   # Plain numbers at 1, 2 and 5 of every decade (0.2, 0.5, 1, 2, 5, 10, ...).
   ax.xaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))

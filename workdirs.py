@@ -51,9 +51,10 @@ RESUME_MAY_CHANGE = ('num_epochs', 'num_train_steps', 'log_every_steps', 'tensor
 # and its BatchNorm epsilon. Evaluating (eval_only), fine-tuning (init_from) and predict.py take
 # them from the checkpoint's config.json, so converted weights need no flags.
 WEIGHT_SETTINGS = ('model.name', 'model.alpha', 'model.groups', 'model.bn_epsilon',
-                   'model.shortcut_first', 'normalization_mean', 'normalization_std')
+                   'model.shortcut_first', 'normalization_mean', 'normalization_std',
+                   *default.ABLATION_FIELDS)
 # ...and those a fine-tuning run must not change (its other settings come from the checkpoint).
-ARCHITECTURE_SETTINGS = ('model.name', 'model.alpha', 'model.groups')
+ARCHITECTURE_SETTINGS = ('model.name', 'model.alpha', 'model.groups', *default.ABLATION_FIELDS)
 
 
 class TrainState(train_state.TrainState):
@@ -115,7 +116,12 @@ def read_config(workdir: str) -> dict:
   if not path.is_file():
     raise ValueError(f'{workdir} has no config.json: it is not a workdir of train.py or '
                      'convert.py.')
-  return json.loads(path.read_text())
+  saved = json.loads(path.read_text())
+  # A config.json written before the ablation settings existed ran with their defaults.
+  model = saved.get('model', {})
+  for field, value in default.ABLATIONS.get(model.get('name'), {}).items():
+    model.setdefault(field, value)
+  return saved
 
 
 def read_results(workdir: str):
@@ -146,9 +152,6 @@ def config_differences(workdir: str, config: ml_collections.ConfigDict) -> dict:
   if not (path_of(workdir) / 'config.json').exists():
     return {}
   saved = flax.traverse_util.flatten_dict(read_config(workdir), sep='.')
-  # A config.json written before the ablation settings existed ran with their defaults.
-  for field, value in default.ABLATIONS.get(saved.get('model.name'), {}).items():
-    saved.setdefault(f'model.{field}', value)
   current = flax.traverse_util.flatten_dict(config_as_dict(config), sep='.')
   return {k: [saved.get(k), current.get(k)] for k in sorted(saved.keys() | current.keys())
           if saved.get(k) != current.get(k)}

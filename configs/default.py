@@ -80,6 +80,16 @@ ABLATIONS = {
     'mobilenet_v2': {'bottleneck_activation': 'linear', 'shortcut': 'bottleneck'},
     'shufflenet': {'channel_shuffle': True, 'shallow': False, 'se_reduction': 0},
 }
+ABLATION_FIELDS = tuple(sorted({f'model.{field}' for fields in ABLATIONS.values()
+                                for field in fields}))
+
+
+def changed_ablations(model) -> dict:
+  """{field: value} of the ablation settings in which `model` (config.model, or the 'model' of a
+  config.json) differs from its paper's main network; {} for the main network."""
+  main = ABLATIONS.get(model.get('name'), {})
+  return {field: model.get(field) for field in main
+          if field in model and model.get(field) != main[field]}
 
 
 def set_model(config: ml_collections.ConfigDict, name: str, alpha: float,
