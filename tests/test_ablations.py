@@ -253,3 +253,33 @@ def test_zero_init_residual_needs_the_bottleneck_shortcut():
   config.model.shortcut = 'none'
   with pytest.raises(ValueError, match="model.shortcut='none' leave it unset"):
     models.get_model(config)
+
+
+# --- Stanford Dogs (Table 10) ---------------------------------------------------------------
+
+def test_stanford_dogs_fine_tunes_an_imagenet_checkpoint_on_mock_data(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import train  # pylint: disable=g-import-not-at-top
+  from configs import stanford_dogs  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  import workdirs  # pylint: disable=g-import-not-at-top
+
+  source = str(tmp_path / 'imagenet')
+  train.train_and_evaluate(tiny_config(num_train_steps=1, ema_decay=0.0), source)
+  config = stanford_dogs.get_config(f'alpha=0.25,res=32,init_from={source}')
+  assert (config.num_classes, config.eval_split, config.init_from) == (120, 'test', source)
+  for field, value in {'batch_size': 8, 'eval_batch_size': 8, 'num_train_steps': 2,
+                       'shuffle_buffer': 16, 'log_every_steps': 1}.items():
+    config[field] = value
+  tuned = str(tmp_path / 'dogs')
+  with tfds.testing.mock_data(num_examples=12):
+    results = train.train_and_evaluate(config, tuned)
+  assert results['eval_count'] == 12  # every mock test example evaluated once
+  start = flax.traverse_util.flatten_dict(workdirs.restore_variables(source)[0]['params'])
+  end, step = workdirs.restore_variables(tuned)
+  end = flax.traverse_util.flatten_dict(end['params'])
+  assert step == 2 and end[('head', 'classifier', 'kernel')].shape == (256, 120)
+  assert end.keys() == start.keys()
+  # Training moved the backbone from the ImageNet weights it started from.
+  assert not np.allclose(end[('block13_pointwise', 'conv', 'kernel')],
+                         start[('block13_pointwise', 'conv', 'kernel')])

@@ -11,6 +11,7 @@ import sys
 import ml_collections
 import pytest
 
+from configs import default
 import sweep
 from conftest import ROOT, write_tiny_config_file
 
@@ -38,6 +39,61 @@ def test_paper_sweeps_expand_to_the_papers_grids():
   point = points['mobilenet_v2_paper.py'][7]
   config = point.config()
   assert (config.model.alpha, config.image_size, config.optimizer) == (0.5, 160, 'rmsprop')
+
+
+# Each ablation table's sweep: its points are the table's rows, labelled as the paper labels them.
+TABLE_SWEEPS = {
+    'mobilenet_v1_table4.py': [('Conv MobileNet', 71.7), ('1.0 MobileNet-224', 70.6)],
+    'mobilenet_v1_table5.py': [('0.75 MobileNet-224', 68.4), ('Shallow MobileNet', 65.3)],
+    'mobilenet_v1_table10.py': [('1.0 MobileNet-224', 83.3), ('0.75 MobileNet-224', 81.9),
+                                ('1.0 MobileNet-192', 81.9), ('0.75 MobileNet-192', 80.5)],
+    'mobilenet_v2_figure6.py': [('MobileNetV2', 72.0), ('Relu6 in bottleneck', None),
+                                ('Shortcut between expansions', None), ('No residual', None)],
+    'shufflenet_table3.py': [
+        (f'ShuffleNet {s}x (g = {g}){shuffle}', top1) for g, rows in (
+            (3, (('1', 67.4, 65.5), ('0.5', 56.8, 54.3), ('0.25', 45.0, 43.7))),
+            (8, (('1', 67.6, 62.4), ('0.5', 57.7, 51.9), ('0.25', 47.3, 43.5))))
+        for s, with_shuffle, without in rows
+        for shuffle, top1 in (('', with_shuffle), (', no shuffle', without))],
+    'shufflenet_table5.py': [
+        ('ShuffleNet 2x (g = 3)', 73.7), ('ShuffleNet 1.5x (g = 3)', 71.5),
+        ('ShuffleNet 1x (g = 8)', 67.6), ('ShuffleNet 0.5x (g = 4)', 58.4),
+        ('ShuffleNet 2x (with SE, g = 3)', 75.3), ('ShuffleNet 0.5x (shallow, g = 3)', 57.2),
+        ('1.0 MobileNet-224', 70.6), ('0.75 MobileNet-224', 68.4), ('0.5 MobileNet-224', 63.7),
+        ('0.25 MobileNet-224', 50.6)],
+}
+
+
+@pytest.mark.parametrize('name', sorted(TABLE_SWEEPS))
+def test_table_sweeps_are_the_papers_rows(name, tmp_path):
+  points = sweep.expand(sweep.load_config(os.path.join(ROOT, 'configs', 'sweeps', name)))
+  sweep.check_points(points)
+  assert all('/' not in p.name for p in points)
+  sweep.save_plan(points, str(tmp_path))
+  rows = sweep.collect(str(tmp_path))
+  assert [(r['paper_label'], r['paper_top1']) for r in rows] == TABLE_SWEEPS[name]
+  assert 'paper top-1 %' in (tmp_path / 'results.md').read_text()
+
+
+def test_published_rows_are_unique_and_name_real_settings():
+  rows = sweep.read_published()
+  keys = [sweep._published_key(r) for r in rows]  # pylint: disable=protected-access
+  assert len(keys) == len(set(keys))
+  for row in rows:
+    for setting in filter(None, row['variant'].split(';')):
+      field, _, _ = setting.partition('=')
+      assert field in default.ABLATIONS[row['model']], row
+
+
+def test_seed_summary_gives_mean_and_spread_over_seeds():
+  rows = [dict.fromkeys(sweep.COLUMNS) | {'run': f'shufflenet-a1-seed{seed}-shuffle{on}',
+                                          'top1': top1}
+          for seed, on, top1 in ((0, True, 0.80), (1, True, 0.82), (2, True, 0.84),
+                                 (0, False, 0.70), (1, False, 0.70))]
+  summary = sweep.seed_summary(rows).splitlines()
+  assert summary[-2:] == ['| shufflenet-a1-shuffleTrue | 3 | 82.00 | 2.00 | 80.00 | 84.00 |',
+                          '| shufflenet-a1-shuffleFalse | 2 | 70.00 | 0.00 | 70.00 | 70.00 |']
+  assert sweep.seed_summary([dict(rows[0], run='shufflenet-a1')]) == ''
 
 
 def test_zip_pairs_values_and_product_crosses_them():
