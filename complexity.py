@@ -139,7 +139,8 @@ def analyze(model, image_size: int) -> Complexity:
 
 
 def summary(config) -> dict:
-  """The JSON summary of `config`'s model: macs, params, params_weights and what identifies it."""
+  """The JSON summary of `config`'s model: macs, params, params_weights and what identifies it
+  (`ablations`: the settings in which it differs from the paper's main network)."""
   model = models.get_model(config)
   result = analyze(model, config.image_size)
   return {
@@ -149,6 +150,7 @@ def summary(config) -> dict:
       'image_size': config.image_size,
       'num_classes': config.num_classes,
       'small_input': config.model.get('small_input', False),
+      'ablations': default.changed_ablations(config.model),
       'macs': result.macs,
       'params': result.params,
       'params_weights': result.params_weights,

@@ -156,6 +156,10 @@ def test_command_line_json_and_table():
   assert summary['params_weights'] == expected.params_weights
   assert (summary['model'], summary['alpha'], summary['image_size'], summary['num_classes']) == (
       'mobilenet_v2', 0.5, 160, 1000)
+  assert summary['ablations'] == {}
+  variant = subprocess.run(command + ['--json', '--config.model.shortcut=none'], cwd=ROOT,
+                           capture_output=True, text=True, check=True)
+  assert json.loads(variant.stdout)['ablations'] == {'shortcut': 'none'}
   table = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
   assert 'block1/depthwise/conv' in table and 'depthwise' in table and 'MAdds:' in table
   bad = subprocess.run([sys.executable, 'complexity.py', '--config=configs/shufflenet.py:groups=5'],
