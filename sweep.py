@@ -249,7 +249,10 @@ def collect(workdir: str) -> list[dict]:
   for entry in plan:
     run_dir = os.path.join(workdir, entry['name'])
     row = dict.fromkeys(COLUMNS)
-    point = {'variant': '', **entry['identity']}  # plans written before variants had none
+    point = dict(entry['identity'])
+    if 'variant' not in point:  # a plan written before the ablation settings existed
+      point['variant'] = variant(Point(entry['name'], entry['base'],
+                                       tuple(map(tuple, entry['overrides']))).config())
     row.update(run=entry['name'], status=status(run_dir),
                **{k: point[k] for k in IDENTITY if k != 'dataset'})
     row.update(entry.get('complexity', {}))

@@ -12,7 +12,7 @@ Every point is the quickstart recipe (configs/quickstart.py) at 32 px for EPOCHS
 
 import ml_collections
 
-EPOCHS = 1.0
+EPOCHS = 3.0
 SEEDS = (0, 1, 2)
 
 
