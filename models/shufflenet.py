@@ -93,7 +93,9 @@ class ShuffleUnit(nn.Module):
       if self.squeeze_excitation:
         y = self.squeeze_excitation(name='se')(y)
       return nn.relu(x + y)
-    shortcut = nn.avg_pool(x, (3, 3), (2, 2), padding=layers.symmetric_padding(3))
+    # Zero padding counted in the average (PyTorch's default), padded first so that LiteRT gets a
+    # plain AVERAGE_POOL_2D.
+    shortcut = nn.avg_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), (2, 2))
     parts = [shortcut, y] if self.shortcut_first else [y, shortcut]
     y = jnp.concatenate(parts, axis=-1)
     if self.squeeze_excitation:
