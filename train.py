@@ -43,7 +43,6 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from configs import default
 import complexity
@@ -192,9 +191,21 @@ def first_replica_on_host(tree):
 
 
 def global_replicated(tree):
-  """`tree` (replicated by pmap over each process's devices) as global arrays replicated over all
-  devices, which Orbax saves from several processes together (written once, by process 0)."""
-  return jax.tree.map(ocp.utils.fully_replicated_host_local_array_to_global_array, tree)
+  """`tree` (replicated by pmap over each process's devices, leading axis = local devices) as
+  global arrays of the unreplicated shape replicated over all devices, which Orbax saves from
+  several processes together (written once, by process 0).
+
+  Orbax's `fully_replicated_host_local_array_to_global_array` is not used: it takes the global
+  shape from the first shard, which keeps the device axis (1, ...) under current JAX, and removes
+  that axis only where there are several local devices, so with one device it saved every array
+  with a leading 1."""
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ('replica',)),
+                                        jax.sharding.PartitionSpec())
+  def to_global(x):
+    shape = x.shape[1:]
+    return jax.make_array_from_single_device_arrays(
+        shape, sharding, [shard.data.reshape(shape) for shard in x.addressable_shards])
+  return jax.tree.map(to_global, tree)
 
 
 def replicate(tree):

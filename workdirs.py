@@ -282,8 +282,11 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState,
     try:
       restored = manager.restore(step, args=ocp.args.StandardRestore(state))
     except Exception as e:  # pylint: disable=broad-except  # Orbax and TensorStore raise many kinds
-      failures.append((step, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'))
-      continue
+      try:
+        restored = _restore_with_replica_axis(manager, step, state)
+      except Exception:  # pylint: disable=broad-except
+        failures.append((step, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'))
+        continue
     if failures and jax.process_index() == 0:
       damaged = path_of(workdir) / 'damaged_checkpoints'
       damaged.mkdir(parents=True, exist_ok=True)
@@ -304,6 +307,17 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState,
       '--workdir; the checkpoints are left as they are.')
 
 
+def _restore_with_replica_axis(manager: ocp.CheckpointManager, step: int,
+                               state: TrainState) -> TrainState:
+  """The checkpoint at `step` restored into `state`, for checkpoints that train.py wrote on one
+  device with a leading axis of 1 on every array (train.global_replicated says why)."""
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      (1, *np.shape(x)), np.asarray(x).dtype if np.isscalar(x) else x.dtype,
+      sharding=getattr(x, 'sharding', None)), state)
+  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  return jax.tree.map(lambda x: x.reshape(x.shape[1:]), restored)
+
+
 def restore_on_host(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
   """(the checkpoint of `step` (default: the latest) in `workdir` as a dict of NumPy arrays, its
   step), whatever devices and processes wrote it (Orbax restores onto the writers' devices by
@@ -318,7 +332,10 @@ def restore_on_host(workdir: str, step: Optional[int] = None) -> tuple[dict, int
   on_this_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_this_device),
                         manager.item_metadata(step))
-  return jax.device_get(manager.restore(step, args=ocp.args.StandardRestore(target))), step
+  restored = jax.device_get(manager.restore(step, args=ocp.args.StandardRestore(target)))
+  if np.shape(restored['step']) == (1,):  # written with a replica axis on one device
+    restored = jax.tree.map(lambda x: x.reshape(x.shape[1:]), restored)
+  return restored, step
 
 
 def restore_variables(workdir: str) -> tuple[dict, int]:

@@ -247,3 +247,29 @@ def test_label_offset_skips_the_background_logit():
     step = train.pmap_eval_step(tiny_config(label_offset=offset), devices=device)
     hits[offset] = float(step(flax.jax_utils.replicate(state, device), batch)['top1'][0])
   assert hits == {0: 0.0, 1: 2.0}
+
+
+@pytest.mark.slow
+def test_one_device_checkpoints_hold_unreplicated_arrays_and_resume(tmp_path):
+  """On one device (a plain CPU), checkpoints hold the model's own shapes, so that predict.py,
+  eval_only and init_from read them and a rerun resumes from them."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  def run(steps):
+    return subprocess.run(train_command(tmp_path, num_train_steps=steps, eval_every_steps=-1),
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+  first = run(3)
+  assert first.returncode == 0, first.stderr[-3000:]
+  variables, step = workdirs.restore_variables(str(tmp_path))
+  model = models.get_model(tiny_config())
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jnp.zeros((1, 32, 32, 3)))
+  assert step == 3
+  assert jax.tree.map(np.shape, variables['params']) == jax.tree.map(np.shape, shapes['params'])
+  stored = ocp.CheckpointManager(tmp_path / 'checkpoints',
+                                 item_handlers=ocp.StandardCheckpointHandler()).item_metadata(3)
+  assert tuple(stored['step'].shape) == ()  # as written, with no replica axis
+  assert tuple(stored['params']['head']['classifier']['bias'].shape) == (4,)
+  second = run(6)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'Resumed from the checkpoint at step 3' in second.stderr
+  assert workdirs.restore_variables(str(tmp_path))[1] == 6
