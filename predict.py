@@ -2,12 +2,14 @@ r"""Top-k classes of image files under the latest checkpoint of a workdir.
 
     python predict.py --workdir=runs/slim_v2_1.0_224 cat.jpg dog.png
     python predict.py --workdir=runs/quickstart --json --top_k=3 shirt.png
+    python predict.py --tflite=runs/quickstart/model_int8.tflite shirt.png
 
 The workdir is one that train.py or convert.py wrote; its config.json gives the network, the
 input size, normalization and class offset, and the data set whose class names are printed
 (ImageNet: the WordNet synset and the name from configs/imagenet2012_names.txt, which lists the
 1000 classes in the order of TFDS's imagenet2012 labels). Images are resized and center-cropped
-as for evaluation.
+as for evaluation. `--tflite` runs a file that export.py wrote, on the LiteRT runtime, with the
+exporting run's config from the JSON file beside it.
 """
 
 import json
@@ -59,16 +61,30 @@ def load(workdir: str, ema: bool = False):
   return config, probabilities
 
 
+def load_tflite(path: str):
+  """(config, probabilities) as `load` gives them, for a LiteRT file that export.py wrote."""
+  import export  # pylint: disable=g-import-not-at-top
+  runner = export.Runner(path)
+  config = runner.config()
+
+  def probabilities(images):
+    logits = runner.logits(np.asarray(images))[:, config.label_offset:]
+    return jax.nn.softmax(logits)
+  return config, probabilities
+
+
 def preprocess(path: str, config) -> np.ndarray:
   """The image file at `path` as evaluation sees it (resize, center crop, normalize)."""
   example = {'image': tf.io.read_file(path), 'label': 0}
   return input_pipeline.preprocess_eval(example, config)['image'].numpy()
 
 
-def predict(workdir: str, paths: list[str], top_k: int = 5, ema: bool = False) -> list[dict]:
+def predict(workdir: str, paths: list[str], top_k: int = 5, ema: bool = False,
+            tflite: str = '') -> list[dict]:
   """For each image: {'image', 'top': [{'label', 'probability', 'name'?}, ...]}, or {'image',
-  'error'} for a file that is not an image we can read."""
-  config, probabilities = load(workdir, ema)
+  'error'} for a file that is not an image we can read; under the latest checkpoint of `workdir`,
+  or the exported `tflite` file."""
+  config, probabilities = load_tflite(tflite) if tflite else load(workdir, ema)
   names = class_names(config)
   results = []
   for path in paths:
@@ -93,8 +109,13 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Give one or more image files after the flags.')
+  f = flags.FLAGS
+  if bool(f.workdir) == bool(f.tflite):
+    raise app.UsageError('Give --workdir or --tflite.')
+  if f.tflite and f.ema:
+    raise app.UsageError('--ema chooses weights of a workdir; an exported file has its own.')
   try:
-    results = predict(flags.FLAGS.workdir, paths, flags.FLAGS.top_k, flags.FLAGS.ema)
+    results = predict(f.workdir, paths, f.top_k, f.ema, f.tflite)
   except ValueError as e:
     raise SystemExit(f'error: {e}') from None
   if flags.FLAGS.json:
@@ -112,8 +133,8 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Workdir of train.py or convert.py.')
+  flags.DEFINE_string('tflite', None, 'A LiteRT file of export.py, instead of --workdir.')
   flags.DEFINE_integer('top_k', 5, 'Classes to print per image.')
   flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
   flags.DEFINE_bool('ema', False, 'Use the moving averages of the weights.')
-  flags.mark_flags_as_required(['workdir'])
   app.run(main, flags_parser=default.parse_flags)

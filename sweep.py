@@ -47,7 +47,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 PUBLISHED = os.path.join(ROOT, 'configs', 'sweeps', 'published.csv')
 COLUMNS = ('run', 'model', 'alpha', 'groups', 'image_size', 'variant', 'macs', 'params', 'top1',
            'top5', 'ema_top1', 'train_images_per_sec', 'wall_time_sec', 'compile_sec', 'eval_sec',
-           'checkpoint_sec', 'status', 'paper_label', 'paper_madds_millions', 'paper_top1')
+           'checkpoint_sec', 'status', 'paper_label', 'paper_madds_millions', 'paper_top1',
+           'latency_ms', 'int8_latency_ms', 'int8_top1', 'tflite_bytes', 'int8_tflite_bytes')
+EXPORT_DIR = 'export'  # DIR/<run>/export/: the LiteRT files of --export and export.json
 # Varied fields left out of run names: paths, which follow from the settings that are named.
 UNNAMED_FIELDS = ('init_from',)
 SEED_PART = re.compile(r'-seed\d+')
@@ -238,12 +240,17 @@ def save_plan(points: list[Point], workdir: str, complexities: Optional[dict] = 
   workdirs.write_json_atomic(path, {'points': plan})
 
 
-def collect(workdir: str) -> list[dict]:
-  """Writes DIR/results.csv, DIR/results.md and the plot; returns the rows."""
+def read_plan(workdir: str) -> list[dict]:
+  """The points of DIR/sweep.json; ValueError where there is none."""
   plan_path = workdirs.path_of(workdir) / 'sweep.json'
   if not plan_path.exists():
     raise ValueError(f'{workdir} has no sweep.json: it is not a sweep directory of sweep.py.')
-  plan = json.loads(plan_path.read_text())['points']
+  return json.loads(plan_path.read_text())['points']
+
+
+def collect(workdir: str) -> list[dict]:
+  """Writes DIR/results.csv, DIR/results.md and the plots; returns the rows."""
+  plan = read_plan(workdir)
   published = {_published_key(p): p for p in read_published()}
   rows = []
   for entry in plan:
@@ -267,6 +274,9 @@ def collect(workdir: str) -> list[dict]:
                  train_images_per_sec=results['train_images_per_sec'],
                  wall_time_sec=results['wall_time_sec'],
                  **{k: results.get(k) for k in ('compile_sec', 'eval_sec', 'checkpoint_sec')})
+    exported = workdirs.path_of(run_dir) / EXPORT_DIR / 'export.json'
+    if row['status'] == 'done' and exported.exists():
+      row.update({k: v for k, v in json.loads(exported.read_text()).items() if k in COLUMNS})
     rows.append(row)
   table = io.StringIO(newline='')
   writer = csv.DictWriter(table, COLUMNS)
@@ -275,7 +285,30 @@ def collect(workdir: str) -> list[dict]:
   workdirs.write_atomic(workdirs.path_of(workdir) / 'results.csv', table.getvalue())
   workdirs.write_atomic(workdirs.path_of(workdir) / 'results.md', markdown_table(rows))
   plot(rows, workdirs.path_of(workdir) / 'accuracy_vs_madds')
+  if any(r['latency_ms'] is not None for r in rows):
+    plot_latency(rows, workdirs.path_of(workdir) / 'accuracy_vs_latency')
   return rows
+
+
+def export_points(workdir: str) -> list[str]:
+  """Exports every finished point of the sweep in `workdir` that has no export yet (float and
+  int8 LiteRT files, latency, int8 top-1: export.export_and_measure); returns their names."""
+  import export  # pylint: disable=g-import-not-at-top
+  exported = []
+  for entry in read_plan(workdir):
+    run_dir = os.path.join(workdir, entry['name'])
+    directory = os.path.join(run_dir, EXPORT_DIR)
+    if status(run_dir) != 'done' or os.path.exists(os.path.join(directory, 'export.json')):
+      continue
+    if not workdirs.is_local(run_dir):
+      raise ValueError(f'--export writes LiteRT files next to each run: {workdir} must be a '
+                       'local directory (copy the sweep here first).')
+    print(f'exporting {entry["name"]} ...', flush=True)
+    result = export.export_and_measure(run_dir, directory)
+    print(f'  {result["latency_ms"]:.3f} ms float, {result["int8_latency_ms"]:.3f} ms int8, '
+          f'int8 top-1 {100 * result["int8_top1"]:.2f}%', flush=True)
+    exported.append(entry['name'])
+  return exported
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -283,6 +316,9 @@ def markdown_table(rows: list[dict]) -> str:
   header = ('run', 'model', 'alpha', 'groups', 'image size', 'variant', 'MAdds (M)',
             'params (M)', 'top-1 %', 'top-5 %', 'EMA top-1 %', 'train img/s', 'wall time',
             'status', 'paper', 'paper MAdds (M)', 'paper top-1 %')
+  exported = any(r['latency_ms'] is not None for r in rows)
+  if exported:
+    header += ('latency ms', 'int8 latency ms', 'int8 top-1 %', 'file kB', 'int8 file kB')
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   def number(value, scale=1.0, digits=1):
     return '' if value is None else f'{value * scale:.{digits}f}'
@@ -294,6 +330,10 @@ def markdown_table(rows: list[dict]) -> str:
              number(r['ema_top1'], 100, 2), number(r['train_images_per_sec'], 1, 0), wall,
              r['status'], r['paper_label'] or '', number(r['paper_madds_millions'], 1, 0),
              number(r['paper_top1'], 1, 1))
+    if exported:
+      cells += (number(r['latency_ms'], 1, 3), number(r['int8_latency_ms'], 1, 3),
+                number(r['int8_top1'], 100, 2), number(r['tflite_bytes'], 1e-3, 0),
+                number(r['int8_tflite_bytes'], 1e-3, 0))
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return '\n'.join(lines) + '\n' + seed_summary(rows)
 
@@ -348,7 +388,6 @@ def plot(rows: list[dict], path_stem: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 
   fig, ax = plt.subplots(figsize=(8, 5.5))
   for name in sorted({family(r) for r in rows}):
@@ -366,12 +405,43 @@ def plot(rows: list[dict], path_stem: str) -> None:
     if paper:
       ax.scatter([r['paper_madds_millions'] for r in paper], [r['paper_top1'] for r in paper],
                  marker='x', color=color, label=f'{name}, published')
+  _save_figure(fig, ax, 'Million Mult-Adds (log scale)', path_stem)
+
+
+def plot_latency(rows: list[dict], path_stem: str) -> None:
+  """Top-1 against the exported files' single-image latency (log axis), one line per family for
+  the float files (top-1 of the JAX model, which they compute) and a dashed one for int8."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(8, 5.5))
+  exported = [r for r in rows if r['latency_ms'] is not None]
+  for name in sorted({family(r) for r in exported}):
+    members = sorted((r for r in exported if family(r) == name), key=lambda r: r['latency_ms'])
+    line, = ax.plot([r['latency_ms'] for r in members], [100 * r['top1'] for r in members],
+                    marker='o', label=f'{name}, float')
+    members = sorted(members, key=lambda r: r['int8_latency_ms'])
+    ax.plot([r['int8_latency_ms'] for r in members], [100 * r['int8_top1'] for r in members],
+            marker='x', linestyle='--', color=line.get_color(), label=f'{name}, int8')
+    for r in members:
+      ax.annotate(f'{r["alpha"]:g}/{r["image_size"]}', (r['latency_ms'], 100 * r['top1']),
+                  textcoords='offset points', xytext=(4, 4), fontsize=7)
+  cpu = exported[0].get('cpu') if exported else None
+  _save_figure(fig, ax, 'Latency of one image, ms, one thread (log scale)'
+               + (f'; {cpu}' if cpu else ''), path_stem)
+
+
+def _save_figure(fig, ax, xlabel: str, path_stem: str) -> None:
+  """Log x axis with plain tick labels, grid, legend; writes path_stem.png and .svg."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   ax.set_xscale('log')
   # Plain numbers at 1, 2 and 5 of every decade (0.2, 0.5, 1, 2, 5, 10, ...).
   ax.xaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
   for axis_ticks in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
     axis_ticks(ticker.FuncFormatter(lambda value, _: f'{value:g}'))
-  ax.set_xlabel('Million Mult-Adds (log scale)')
+  ax.set_xlabel(xlabel)
   ax.set_ylabel('Top-1 accuracy (%)')
   ax.grid(True, which='both', alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
@@ -390,6 +460,8 @@ def main(argv):
   f = flags.FLAGS
   if f.collect:
     try:
+      if f.export:
+        export_points(f.collect)
       rows = collect(f.collect)
     except ValueError as e:
       raise SystemExit(f'error: {e}') from None
@@ -436,6 +508,11 @@ def main(argv):
     print(f'[{i}/{len(points)}] {point.name} ...', flush=True)
     outcomes[point.name] = run_point(point, workdir, command(point))
     print(f'[{i}/{len(points)}] {point.name}: {outcomes[point.name]}', flush=True)
+  if f.export:
+    try:
+      export_points(workdir)
+    except ValueError as e:
+      raise SystemExit(f'error: {e}') from None
   rows = collect(workdir)
   print(markdown_table(rows), end='')
   failed = [name for name, outcome in outcomes.items() if outcome.startswith('failed')]
@@ -452,6 +529,9 @@ if __name__ == '__main__':
   flags.DEFINE_bool('complexity_only', False,
                     'Fill results.csv/results.md with MAdds and params only; train nothing.')
   flags.DEFINE_string('collect', None, 'Only collect DIR into results.csv/.md and the plot.')
+  flags.DEFINE_bool('export', False, 'Export every finished point to LiteRT (float and int8), '
+                    'time both and evaluate the int8 file (export.py); with --collect, for a '
+                    'sweep that has run.')
   flags.DEFINE_enum('launch', 'local', ['local', 'tpu'],
                     'local: run each point here; tpu: on every worker of a Cloud TPU VM slice.')
   flags.DEFINE_string('tpu_name', None, '--launch=tpu: the TPU VM name.')
