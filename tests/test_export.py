@@ -1,0 +1,184 @@
+"""export.py: LiteRT files that compute our networks, int8 quantization, evaluation, latency,
+predict.py on an exported file, and bad input."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import convert
+import export
+import models
+import predict
+import train
+import workdirs
+from configs import mobilenet_v1, mobilenet_v2, shufflenet
+from conftest import ROOT, tiny_config
+
+
+def _random_variables(model, res, seed=0):
+  """Variables with random kernels and random BatchNorm statistics, so that folding BatchNorm
+  into the convolutions is tested too."""
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32))
+  rng = np.random.default_rng(seed)
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == 'kernel':
+      fan_out = np.prod(leaf.shape) // leaf.shape[-2]
+      return rng.normal(0, np.sqrt(2 / fan_out), leaf.shape).astype(np.float32)
+    if name in ('scale', 'var'):
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _write_workdir(path, config):
+  """A train-free checkpoint of `config`'s network with random weights, written as convert.py
+  writes its workdirs."""
+  variables = _random_variables(models.get_model(config), config.image_size)
+  convert.write_workdir(str(path), config, variables, {'format': 'test'})
+  return variables
+
+
+NETWORKS = {
+    'mobilenet_v1': lambda: mobilenet_v1.get_config('alpha=0.25,res=48'),
+    'mobilenet_v2': lambda: mobilenet_v2.get_config('alpha=0.35,res=32'),
+    'shufflenet_g3': lambda: shufflenet.get_config('groups=3,scale=0.25,res=64'),
+    'shufflenet_g8': lambda: shufflenet.get_config('groups=8,scale=0.25,res=32'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(NETWORKS))
+def test_float_file_computes_the_jax_logits(name, tmp_path):
+  config = NETWORKS[name]()
+  config.num_classes = 10
+  variables = _write_workdir(tmp_path / 'run', config)
+  output = str(tmp_path / 'model.tflite')
+  metadata = export.export(str(tmp_path / 'run'), output)
+  assert metadata['image_size'] == config.image_size
+  assert metadata['normalization_mean'] == list(config.normalization_mean)
+  images = np.random.default_rng(1).normal(size=(4, config.image_size, config.image_size, 3))
+  images = images.astype(np.float32)
+  expected = np.asarray(models.get_model(config).apply(variables, images, train=False))
+  actual = export.Runner(output).logits(images)
+  assert np.abs(actual - expected).max() < 1e-4 * np.abs(expected).max()
+  ops, _ = export.ops_and_tensor_types(output)
+  assert 'CONV_2D' in ops and 'DEPTHWISE_CONV_2D' in ops
+  assert not {op for op in ops if 'BATCH' in op or 'STABLEHLO' in op or op == 'CUSTOM'}
+  if name.startswith('shufflenet'):
+    assert {'TRANSPOSE', 'AVERAGE_POOL_2D', 'CONCATENATION'} <= ops  # shuffle, stride-2 units
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny trained run (MobileNet V1 0.25, 32 px, synthetic data of 4 classes)."""
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  config = tiny_config(num_train_steps=24, ema_decay=0.0, synthetic_train_examples=256,
+                       synthetic_eval_examples=60, eval_every_steps=-1)
+  return workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_int8_file_is_integer_and_agrees_with_float(trained, tmp_path):
+  workdir, _ = trained
+  float_path, int8_path = str(tmp_path / 'f.tflite'), str(tmp_path / 'q.tflite')
+  export.export(workdir, float_path)
+  metadata = export.export(workdir, int8_path, quantize='int8', calibration_steps=2)
+  assert metadata['calibration'] == {'images': 64, 'dataset': 'synthetic'}
+  ops, types = export.ops_and_tensor_types(int8_path)
+  assert 'int8' in types and not {op for op in ops if 'BATCH' in op}
+  # The weights of every convolution and of the classifier are int8 in the file.
+  from ai_edge_litert import interpreter as litert  # pylint: disable=g-import-not-at-top
+  tensors = litert.Interpreter(model_path=int8_path).get_tensor_details()
+  kernels = [t for t in tensors if len(t['shape']) == 4 and t['shape'][0] > 1
+             and 'conv' in t['name'].lower() and t['name'] != 'image']
+  assert kernels and all(t['dtype'] == np.int8 for t in kernels)
+  config = tiny_config()
+  images = np.random.default_rng(2).normal(size=(40, 32, 32, 3)).astype(np.float32)
+  float_top1 = export.Runner(float_path).logits(images).argmax(-1)
+  int8_top1 = export.Runner(int8_path).logits(images).argmax(-1)
+  assert (float_top1 == int8_top1).mean() >= 0.8
+  assert config.image_size == 32 and os.path.getsize(int8_path) < os.path.getsize(float_path)
+
+
+def test_evaluate_counts_every_example_once_and_matches_jax(trained, tmp_path):
+  workdir, results = trained
+  output = str(tmp_path / 'model.tflite')
+  export.export(workdir, output)
+  evaluated = export.evaluate(output)
+  assert evaluated['count'] == results['eval_count'] == 60
+  assert evaluated['top1'] == pytest.approx(results['final_top1'], abs=1 / 60 + 1e-9)
+
+
+def test_int8_io_and_benchmark_and_evaluate_on_the_command_line(trained, tmp_path):
+  workdir, _ = trained
+  output = str(tmp_path / 'q.tflite')
+  run = subprocess.run([sys.executable, 'export.py', f'--workdir={workdir}', f'--output={output}',
+                        '--quantize=int8', '--int8_io', '--calibration_steps=1'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert 'ops: ' in run.stdout and 'int8' in run.stdout.splitlines()[-1]
+  runner = export.Runner(output)
+  assert runner.input['dtype'] == np.int8 and runner.output['dtype'] == np.int8
+  bench = subprocess.run([sys.executable, 'export.py', f'--benchmark={output}', '--runs=5'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert bench.returncode == 0, bench.stderr[-2000:]
+  result = json.loads(bench.stdout.splitlines()[-1])
+  assert result['runs'] == 5 and result['threads'] == 1 and result['cpu']
+  assert 0 < result['min_ms'] <= result['median_ms'] <= result['max_ms']
+  assert 'median' in bench.stdout and result['size_bytes'] == os.path.getsize(output)
+  evaluated = subprocess.run([sys.executable, 'export.py', f'--evaluate={output}'],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  assert json.loads(evaluated.stdout.splitlines()[-1])['count'] == 60
+
+
+def test_predict_gives_the_same_top1_on_the_file_as_on_the_workdir(trained, tmp_path):
+  workdir, _ = trained
+  output = str(tmp_path / 'model.tflite')
+  export.export(workdir, output)
+  rng = np.random.default_rng(3)
+  paths = []
+  for i in range(4):
+    path = str(tmp_path / f'{i}.png')
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+    paths.append(path)
+  on_workdir = predict.predict(workdir, paths, top_k=2)
+  on_file = predict.predict('', paths, top_k=2, tflite=output)
+  for a, b in zip(on_workdir, on_file):
+    assert a['top'][0]['label'] == b['top'][0]['label']
+    assert a['top'][0]['probability'] == pytest.approx(b['top'][0]['probability'], abs=1e-4)
+
+
+def test_bad_input_is_one_clear_error_and_leaves_no_file(trained, tmp_path):
+  workdir, _ = trained
+  output = tmp_path / 'out.tflite'
+  def cli(*args):
+    return subprocess.run([sys.executable, 'export.py', *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+  empty = tmp_path / 'empty'  # a workdir with its config.json and no checkpoint
+  empty.mkdir()
+  (empty / 'config.json').write_text(json.dumps(workdirs.config_as_dict(tiny_config())))
+  cases = [
+      ((f'--workdir={empty}', f'--output={output}'), 'error: No checkpoint in'),
+      ((f'--workdir={workdir}', f'--output={output}', '--quantize=int4'),
+       "error: --quantize must be one of none, int8, got 'int4'."),
+      ((f'--workdir={workdir}', f'--output={output}', '--quantize=int8',
+        '--calibration_data=folder:/no/such/dir'), 'error: '),
+      ((f'--benchmark={tmp_path / "not.tflite"}',), 'does not exist'),
+  ]
+  (tmp_path / 'fake.tflite').write_text('not a flatbuffer at all')
+  cases.append(((f'--evaluate={tmp_path / "fake.tflite"}',),
+                'is not a LiteRT (TFLite) file: export one with export.py.'))
+  for args, message in cases:
+    run = cli(*args)
+    assert run.returncode != 0 and message in run.stderr.strip().splitlines()[-1], run.stderr[-1500:]
+  assert not output.exists() and not (tmp_path / 'out.json').exists()
+  assert sorted(os.listdir(tmp_path)) == ['empty', 'fake.tflite']  # no temporary file left
