@@ -27,6 +27,7 @@ from typing import Optional
 
 from absl import app
 from absl import flags
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -68,7 +69,8 @@ def calibration_images(config: ml_collections.ConfigDict, steps: int,
 def convert(config: ml_collections.ConfigDict, variables: dict, quantize: str = 'none',
             calibration: Optional[np.ndarray] = None, int8_io: bool = False) -> bytes:
   """The LiteRT flatbuffer of `config`'s network with `variables`, batch 1."""
-  model = models.get_model(config, conv_impl='xla')  # convolutions stay convolution ops
+  # Convolutions stay convolution ops, in float32 whatever precision the run trained in.
+  model = models.get_model(config, conv_impl='xla', dtype=jnp.float32)
   size = config.image_size
   def logits(image):
     return model.apply(variables, image, train=False)
