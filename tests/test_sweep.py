@@ -286,3 +286,39 @@ def get_config():
   assert remote.startswith('cd mobilenets && python3 train.py --config=')
   assert ('--workdir=/mnt/shared/sweep/mobilenet_v1-a0.25-r32-num_train_steps3 --distributed'
           in remote)
+
+
+@pytest.mark.slow
+def test_export_adds_latency_and_int8_columns_once(tmp_path):
+  base = write_tiny_config_file(tmp_path / 'tiny.py', num_train_steps=4, ema_decay=0.0)
+  (tmp_path / 'sweep_file.py').write_text(f'''
+import ml_collections
+
+def get_config():
+  sweep = ml_collections.ConfigDict()
+  sweep.groups = [ml_collections.ConfigDict({{'base': {base!r}, 'mode': 'product',
+                                              'axes': (('model.alpha', (0.25, 0.5)),)}})]
+  sweep.overrides = ()
+  return sweep
+''')
+  out = tmp_path / 'out'
+  first = _sweep_cli(f'--config={tmp_path / "sweep_file.py"}', f'--workdir={out}', '--export')
+  assert first.returncode == 0, first.stderr[-3000:]
+  names = ['mobilenet_v1-a0.25-r32', 'mobilenet_v1-a0.5-r32']
+  with open(out / 'results.csv') as f:
+    rows = {r['run']: r for r in csv.DictReader(f)}
+  for name in names:
+    exported = json.loads((out / name / 'export' / 'export.json').read_text())
+    assert float(rows[name]['latency_ms']) == exported['latency_ms'] > 0
+    assert float(rows[name]['int8_latency_ms']) == exported['int8_latency_ms'] > 0
+    assert 0 <= float(rows[name]['int8_top1']) <= 1
+    assert int(rows[name]['int8_tflite_bytes']) == os.path.getsize(
+        out / name / 'export' / 'model_int8.tflite')
+  assert 'int8 top-1 %' in (out / 'results.md').read_text()
+  assert (out / 'accuracy_vs_latency.png').stat().st_size > 1000
+  # Exported points are not exported again.
+  mtime = (out / names[0] / 'export' / 'model.tflite').stat().st_mtime_ns
+  again = _sweep_cli(f'--collect={out}', '--export')
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'exporting' not in again.stdout
+  assert (out / names[0] / 'export' / 'model.tflite').stat().st_mtime_ns == mtime
