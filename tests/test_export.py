@@ -1,14 +1,11 @@
 """export.py: LiteRT files that compute our networks, int8 quantization, evaluation, latency,
 predict.py on an exported file, and bad input."""
 
-import functools
 import json
 import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,30 +16,14 @@ import predict
 import train
 import workdirs
 from configs import mobilenet_v1, mobilenet_v2, shufflenet
-from conftest import ROOT, tiny_config
-
-
-def _random_variables(model, res, seed=0):
-  """Variables with random kernels and random BatchNorm statistics, so that folding BatchNorm
-  into the convolutions is tested too."""
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32))
-  rng = np.random.default_rng(seed)
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      fan_out = np.prod(leaf.shape) // leaf.shape[-2]
-      return rng.normal(0, np.sqrt(2 / fan_out), leaf.shape).astype(np.float32)
-    if name in ('scale', 'var'):
-      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-    return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+from conftest import ROOT, random_variables, tiny_config
 
 
 def _write_workdir(path, config):
   """A train-free checkpoint of `config`'s network with random weights, written as convert.py
   writes its workdirs."""
-  variables = _random_variables(models.get_model(config), config.image_size)
+  variables = random_variables(models.get_model(config), config.image_size,
+                               random_batchnorm=True)
   convert.write_workdir(str(path), config, variables, {'format': 'test'})
   return variables
 

@@ -14,6 +14,7 @@ import models
 from configs import mobilenet_v1, mobilenet_v2, shufflenet
 from models import layers
 from models import shufflenet as shufflenet_lib
+from conftest import random_variables
 
 RESOLUTIONS = (224, 192, 160, 128, 96, 32)
 V1_ALPHAS = (0.25, 0.5, 0.75, 1.0)
@@ -38,24 +39,6 @@ ALL_WIDTHS = (
     [('mobilenet_v1', a, 1) for a in V1_ALPHAS]
     + [('mobilenet_v2', a, 1) for a in V2_ALPHAS]
     + [('shufflenet', s, g) for g, s in itertools.product(SHUFFLENET_GROUPS, SHUFFLENET_SCALES)])
-
-
-def _random_variables(model, res, seed=0):
-  """Variables of `model` with He-normal kernels and fresh BatchNorm state, drawn with NumPy.
-
-  `model.init` compiles one random-number kernel per parameter, which takes 10-20 s per variant on
-  a 2-core CPU; the forward pass under test is the same whichever way the values were drawn.
-  """
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32))
-  rng = np.random.default_rng(seed)
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      fan_out = np.prod(leaf.shape) // leaf.shape[-2]
-      return rng.normal(0, np.sqrt(2 / fan_out), leaf.shape).astype(np.float32)
-    return np.full(leaf.shape, 1.0 if name in ('scale', 'var') else 0.0, np.float32)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _forward(model, train):
@@ -94,7 +77,7 @@ COMPUTED_VARIANTS = (
 @pytest.mark.parametrize('name,width,res,groups', COMPUTED_VARIANTS)
 def test_forward_is_finite_in_train_and_eval_mode(name, width, res, groups):
   model = models.get_model(_config(name, width, res, groups))
-  variables = _random_variables(model, res)
+  variables = random_variables(model, res)
   image = jax.random.normal(jax.random.key(2), (2, res, res, 3))
   for train in (True, False):
     logits, state = jax.jit(_forward(model, train))(variables, image)
@@ -399,7 +382,7 @@ def test_whole_network_same_with_either_conv_implementation(name, width, groups)
   config = _config(name, width, 32, groups)
   xla = models.get_model(config, conv_impl='xla')
   shifted = models.get_model(config, conv_impl='shifted')
-  variables = _random_variables(xla, 64)
+  variables = random_variables(xla, 64)
   image = jax.random.normal(jax.random.key(3), (8, 64, 64, 3))
   # Eval mode; train mode normalises with batch statistics, which amplify float rounding in
   # channels of tiny variance, so it is compared at a looser tolerance.
