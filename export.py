@@ -261,7 +261,7 @@ def export_and_measure(workdir: str, directory: str, runs: int = 200) -> dict:
       'int8_latency_quartiles_ms': [int8_time['p25_ms'], int8_time['p75_ms']],
       'int8_top1': evaluate(int8_path)['top1'],
       'tflite_bytes': float_time['size_bytes'], 'int8_tflite_bytes': int8_time['size_bytes'],
-      'threads': 1, 'runs': runs, 'cpu': float_time['cpu'],
+      'threads': 1, 'runs': runs, 'latency_cpu': float_time['cpu'],
   }
   workdirs.write_json_atomic(os.path.join(directory, 'export.json'), result)
   return result

@@ -48,7 +48,8 @@ PUBLISHED = os.path.join(ROOT, 'configs', 'sweeps', 'published.csv')
 COLUMNS = ('run', 'model', 'alpha', 'groups', 'image_size', 'variant', 'macs', 'params', 'top1',
            'top5', 'ema_top1', 'train_images_per_sec', 'wall_time_sec', 'compile_sec', 'eval_sec',
            'checkpoint_sec', 'status', 'paper_label', 'paper_madds_millions', 'paper_top1',
-           'latency_ms', 'int8_latency_ms', 'int8_top1', 'tflite_bytes', 'int8_tflite_bytes')
+           'latency_ms', 'int8_latency_ms', 'int8_top1', 'tflite_bytes', 'int8_tflite_bytes',
+           'latency_cpu')
 EXPORT_DIR = 'export'  # DIR/<run>/export/: the LiteRT files of --export and export.json
 # Varied fields left out of run names: paths, which follow from the settings that are named.
 UNNAMED_FIELDS = ('init_from',)
@@ -427,7 +428,7 @@ def plot_latency(rows: list[dict], path_stem: str) -> None:
     for r in members:
       ax.annotate(f'{r["alpha"]:g}/{r["image_size"]}', (r['latency_ms'], 100 * r['top1']),
                   textcoords='offset points', xytext=(4, 4), fontsize=7)
-  cpu = exported[0].get('cpu') if exported else None
+  cpu = exported[0]['latency_cpu'] if exported else None
   _save_figure(fig, ax, 'Latency of one image, ms, one thread (log scale)'
                + (f'; {cpu}' if cpu else ''), path_stem)
 
