@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from typing import Optional
 
@@ -122,13 +121,9 @@ def export(workdir: str, output: str, quantize: str = 'none', ema: bool = False,
                       {'images': len(calibration), 'dataset': calibration_data or config.dataset}),
       'config': config.to_dict(),
   }
-  directory = os.path.dirname(os.path.abspath(output))
-  os.makedirs(directory, exist_ok=True)
-  for path, content in ((output, flatbuffer),
-                        (metadata_path(output), json.dumps(metadata, indent=1).encode())):
-    with tempfile.NamedTemporaryFile(dir=directory, delete=False) as f:
-      f.write(content)
-    os.replace(f.name, path)
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  workdirs.write_atomic(output, flatbuffer)
+  workdirs.write_json_atomic(metadata_path(output), metadata)
   return metadata
 
 

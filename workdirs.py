@@ -90,15 +90,16 @@ def path_of(workdir) -> epath.Path:
   return epath.Path(os.path.abspath(workdir) if is_local(workdir) else workdir)
 
 
-def write_atomic(path, text: str) -> None:
-  """Writes `text` to `path` so that a reader never sees half a file: through a temporary file
-  renamed into place on a local disk, in one upload on object storage."""
+def write_atomic(path, content: str | bytes) -> None:
+  """Writes `content` (text or bytes) to `path` so that a reader never sees half a file: through
+  a temporary file renamed into place on a local disk, in one upload on object storage."""
   path = epath.Path(path)
+  write = epath.Path.write_bytes if isinstance(content, bytes) else epath.Path.write_text
   if not is_local(path):
-    path.write_text(text)
+    write(path, content)
     return
   tmp = path.parent / f'{path.name}.tmp'
-  tmp.write_text(text)
+  write(tmp, content)
   os.replace(tmp, path)
 
 
