@@ -25,6 +25,7 @@ from typing import Optional
 
 from absl import app
 from absl import flags
+from jax.experimental import jax2tf
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -73,7 +74,7 @@ def convert(config: ml_collections.ConfigDict, variables: dict, quantize: str = 
   def logits(image):
     return model.apply(variables, image, train=False)
   function = tf.function(
-      jax2tf_convert(logits), autograph=False,
+      jax2tf.convert(logits, with_gradient=False), autograph=False,
       input_signature=[tf.TensorSpec((1, size, size, 3), tf.float32, name='image')])
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
       [function.get_concrete_function()], function)
@@ -85,11 +86,6 @@ def convert(config: ml_collections.ConfigDict, variables: dict, quantize: str = 
       converter.inference_input_type = tf.int8
       converter.inference_output_type = tf.int8
   return converter.convert()
-
-
-def jax2tf_convert(function):
-  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  return jax2tf.convert(function, with_gradient=False)
 
 
 def export(workdir: str, output: str, quantize: str = 'none', ema: bool = False,
@@ -191,8 +187,7 @@ def evaluate(path: str, config: Optional[ml_collections.ConfigDict] = None) -> d
   runner = Runner(path)
   exported = runner.config()
   if config is not None:
-    config = workdirs.with_settings(
-        config, {field: default.get_field(exported, field) for field in PREPROCESSING})
+    config = workdirs.with_settings(config, workdirs.settings_of(exported, PREPROCESSING))
   else:
     config = exported
   data = input_pipeline.load(config)

@@ -386,11 +386,7 @@ def family(row: dict) -> str:
 def plot(rows: list[dict], path_stem: str) -> None:
   """Top-1 against MAdds (log axis), one line per family, points labelled width/resolution;
   the papers' rows that match points of the sweep as crosses of the family's colour."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, ax = plt.subplots(figsize=(8, 5.5))
+  fig, ax = _new_figure()
   for name in sorted({family(r) for r in rows}):
     members = sorted((r for r in rows if family(r) == name), key=lambda r: r['macs'] or 0)
     finished = [r for r in members if r['top1'] is not None]
@@ -412,11 +408,7 @@ def plot(rows: list[dict], path_stem: str) -> None:
 def plot_latency(rows: list[dict], path_stem: str) -> None:
   """Top-1 against the exported files' single-image latency (log axis), one line per family for
   the float files (top-1 of the JAX model, which they compute) and a dashed one for int8."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, ax = plt.subplots(figsize=(8, 5.5))
+  fig, ax = _new_figure()
   exported = [r for r in rows if r['latency_ms'] is not None]
   for name in sorted({family(r) for r in exported}):
     members = sorted((r for r in exported if family(r) == name), key=lambda r: r['latency_ms'])
@@ -431,6 +423,14 @@ def plot_latency(rows: list[dict], path_stem: str) -> None:
   cpu = exported[0]['latency_cpu'] if exported else None
   _save_figure(fig, ax, 'Latency of one image, ms, one thread (log scale)'
                + (f'; {cpu}' if cpu else ''), path_stem)
+
+
+def _new_figure():
+  """A figure and axes of the sweep plots, drawn without a display."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt.subplots(figsize=(8, 5.5))
 
 
 def _save_figure(fig, ax, xlabel: str, path_stem: str) -> None:
