@@ -34,15 +34,18 @@ def _median_seconds(step_fn, state, batch, steps: int, warmup: int) -> tuple[flo
   return statistics.median(times), state
 
 
-def synthetic_batch(batch_size: int, config, with_mask: bool):
+def synthetic_batch(batch_size: int, config, train: bool):
+  """Random images as the input pipeline gives them: uint8 pixels for training, normalized
+  float32 with a mask for evaluation."""
   devices = jax.local_device_count()
   per_device = batch_size // jax.process_count() // devices
   key = jax.random.key(0)
-  batch = {
-      'image': jax.random.normal(key, (devices, per_device, config.image_size, config.image_size, 3)),
-      'label': jax.random.randint(key, (devices, per_device), 0, config.num_classes),
-  }
-  if with_mask:
+  shape = (devices, per_device, config.image_size, config.image_size, 3)
+  batch = {'label': jax.random.randint(key, (devices, per_device), 0, config.num_classes)}
+  if train:
+    batch['image'] = jax.random.randint(key, shape, 0, 256).astype(jnp.uint8)
+  else:
+    batch['image'] = jax.random.normal(key, shape)
     batch['mask'] = jnp.ones((devices, per_device))
   return jax.pmap(lambda x: x)(batch)  # one shard on each local device
 
@@ -56,9 +59,9 @@ def run(config, steps: int, warmup: int) -> dict:
   p_train = train.pmap_train_step(config, schedule)
   p_eval = train.pmap_eval_step(config)
 
-  train_batch = synthetic_batch(config.batch_size, config, with_mask=False)
+  train_batch = synthetic_batch(config.batch_size, config, train=True)
   train_seconds, state = _median_seconds(p_train, state, train_batch, steps, warmup)
-  eval_batch = synthetic_batch(config.eval_batch_size, config, with_mask=True)
+  eval_batch = synthetic_batch(config.eval_batch_size, config, train=False)
   eval_seconds, _ = _median_seconds(lambda s, b: (s, p_eval(s, b)), state, eval_batch,
                                     steps, warmup)
   return {

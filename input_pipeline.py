@@ -46,6 +46,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 # The first bytes of the files tf.io.decode_image reads: JPEG, PNG, GIF and BMP.
 IMAGE_SIGNATURES = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF87a', b'GIF89a', b'BM')
 AUGMENTATIONS = ('inception_crop', 'pad_crop')
+TRAIN_RESIZE_METHODS = ('bilinear', 'bicubic')
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -211,7 +212,7 @@ def _resize_once(images: np.ndarray, config) -> np.ndarray:
     chunk = tf.constant(images[start:start + 4096])
     if chunk.shape[1:3] != (size, size):
       shrink = chunk.shape[1] > size or chunk.shape[2] > size
-      chunk = tf.cast(tf.round(_resize(chunk, (size, size), antialias=shrink)), tf.uint8)
+      chunk = _as_uint8(_resize(chunk, (size, size), antialias=shrink))
     resized.append(_decode(chunk).numpy())  # grayscale to RGB after resizing: a third of the work
   return np.concatenate(resized)
 
@@ -249,20 +250,24 @@ def _tfds(config) -> Data:
       return builder.info.splits[split].num_examples
     # No recorded split sizes (a data set without metadata): count the examples.
     return int(builder.as_dataset(split=split).reduce(0, lambda count, _: count + 1))
-  def read(split):
-    return (builder.as_dataset(split=split, shuffle_files=False,
+  def read(split, decode):
+    # Streams keep images encoded (a shuffle buffer of JPEG bytes, 1/5 of a decoded image's
+    # memory or less, and skipped examples never decoded); preprocessing decodes them.
+    encoded = isinstance(builder.info.features['image'], tfds.features.Image)
+    decoders = None if decode or not encoded else {'image': tfds.decode.SkipDecoding()}
+    return (builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                                read_config=tfds.ReadConfig(skip_prefetch=True))
             .map(lambda e: {'image': e['image'], 'label': e['label']}))
   local = {k: tfds.split_for_jax_process(v, drop_remainder=False) for k, v in splits.items()}
   data = Data(config.dataset, size(splits['train']), size(splits['eval']),
-              streams={k: read(v) for k, v in local.items()},
+              streams={k: read(v, decode=False) for k, v in local.items()},
               stream_sizes={k: size(v) for k, v in local.items()})
   if config.cache:
     # Every process holds the whole of both splits (see the module's docstring), read as one
     # batch: `as_dataset(batch_size=-1)` relies on the recorded split sizes, which data sets
     # without metadata (and tfds.testing.mock_data) do not have.
     whole = {'train': data.num_train, 'eval': data.num_eval}
-    arrays = {k: tfds.as_numpy(read(v).batch(whole[k]).get_single_element())
+    arrays = {k: tfds.as_numpy(read(v, decode=True).batch(whole[k]).get_single_element())
               for k, v in splits.items()}
     data.in_memory = {k: {'image': _resize_once(v['image'], config), 'label': v['label']}
                       for k, v in arrays.items()}
@@ -313,48 +318,79 @@ def _decode(image) -> tf.Tensor:
   return image
 
 
-def _normalize(image, config) -> tf.Tensor:
-  mean = tf.constant(config.normalization_mean, tf.float32)
-  std = tf.constant(config.normalization_std, tf.float32)
-  return (tf.cast(image, tf.float32) - mean) / std
+def normalize(pixels, config):
+  """The network's input, (pixels - mean) / std, from float32 pixels 0..255: a tf.Tensor
+  (evaluation, inference) or a jax.Array (training batches, normalized by the train step on the
+  devices)."""
+  mean = np.asarray(config.normalization_mean, np.float32)
+  std = np.asarray(config.normalization_std, np.float32)
+  return (pixels - mean) / std
 
 
-def _resize(image, size, antialias: bool = True) -> tf.Tensor:
-  """Bicubic resize, clipped to the pixel range it overshoots. Antialiasing matters only when
-  shrinking; enlarging without it is three times faster and differs by < 0.2 of a grey level."""
-  image = tf.image.resize(image, size, method=tf.image.ResizeMethod.BICUBIC, antialias=antialias)
+def _resize(image, size, method: str = 'bicubic', antialias: bool = True) -> tf.Tensor:
+  """Resize (bicubic by default), clipped to the pixel range bicubic overshoots. Antialiasing
+  matters only when shrinking; enlarging without it is three times faster and differs by < 0.2 of
+  a grey level."""
+  image = tf.image.resize(image, size, method=method, antialias=antialias)
   return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def preprocess_train(example, seed, config):
-  """The per-example part of training preprocessing: decode, then an Inception random resized
-  crop ('inception_crop', seeded) or a resize to image_size ('pad_crop'); float32 pixels."""
-  image = _decode(example['image'])
-  size = config.image_size
-  if config.augment == 'inception_crop':
-    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.1,
+def _as_uint8(image) -> tf.Tensor:
+  """Pixels rounded to uint8 (the resize's float output is within 0..255)."""
+  return image if image.dtype == tf.uint8 else tf.cast(tf.round(image), tf.uint8)
+
+
+def _inception_crop(image, seed, config) -> tf.Tensor:
+  """A random window of `image` (encoded or uint8 HxWxC) with area in [crop_area_min, 1] and
+  aspect ratio in [3/4, 4/3] (Szegedy et al. 2015, as TF-slim's inception_preprocessing), uint8
+  RGB. A JPEG decodes only that window (`decode_and_crop_jpeg`); other formats decode whole."""
+  def window(shape):
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.1,
         aspect_ratio_range=(3 / 4, 4 / 3), area_range=(config.crop_area_min, 1.0),
         max_attempts=10, use_image_if_no_bounding_boxes=True)
-    image = _resize(tf.slice(image, begin, crop), (size, size))
-  elif image.shape[0] != size or image.shape[1] != size:
-    image = _resize(image, (size, size))
-  return {'image': tf.cast(image, tf.float32), 'label': example['label']}
+    return begin, size
+  def crop_decoded(decoded):
+    return _decode(tf.slice(decoded, *window(tf.shape(decoded))))
+  if image.dtype != tf.string:
+    return crop_decoded(image)
+  def crop_jpeg():
+    begin, size = window(tf.image.extract_jpeg_shape(image))
+    return tf.image.decode_and_crop_jpeg(image, tf.concat([begin[:2], size[:2]], 0), channels=3)
+  return tf.cond(tf.io.is_jpeg(image), crop_jpeg, lambda: crop_decoded(_decode(image)))
 
 
-def augment_batch(batch, draws, config):
-  """The per-batch part: pad-and-random-crop ('pad_crop') and horizontal flips of image_size
-  images, each example by its own uniform draws (row offset, column offset, flip); normalized."""
+def preprocess_train(example, seed, draws, config):
+  """The per-example part of training preprocessing, uint8 pixels: 'inception_crop': a random
+  resized crop (seeded by `seed`; resized by `config.train_resize_method` without antialiasing),
+  flipped horizontally where draws[2] < 0.5; 'pad_crop': a decode and resize to image_size
+  (`pad_crop_and_flip` does the rest a batch at a time)."""
+  size = config.image_size
+  if config.augment == 'inception_crop':
+    image = _as_uint8(_resize(_inception_crop(example['image'], seed, config), (size, size),
+                              method=config.train_resize_method, antialias=False))
+    image = tf.cond(draws[2] < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
+  else:
+    image = _decode(example['image'])
+    if image.shape[0] != size or image.shape[1] != size:
+      image = _as_uint8(_resize(image, (size, size)))
+  return {'image': image, 'label': example['label']}
+
+
+def pad_crop_and_flip(batch, draws, config):
+  """'pad_crop' a batch at a time: image_size uint8 images padded by crop_padding, cropped at
+  random and flipped horizontally, each example by its own uniform draws (row offset, column
+  offset, flip where < 0.5)."""
   images = batch['image']
   size, pad = config.image_size, config.crop_padding
-  if config.augment == 'pad_crop' and pad:
+  # One gather crops the columns and flips: a flipped image reads its columns backwards.
+  offsets = tf.cast(draws[:, :2] * (2 * pad + 1), tf.int32)  # 0 .. 2 * pad
+  columns = tf.where((draws[:, 2] < 0.5)[:, None], tf.range(size)[::-1], tf.range(size))
+  if pad:
     images = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    offsets = tf.cast(draws[:, :2] * (2 * pad + 1), tf.int32)  # 0 .. 2 * pad
-    rows, cols = tf.unstack(offsets[:, :, None] + tf.range(size), axis=1)
-    images = tf.gather(tf.gather(images, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
-  flip = draws[:, 2] < 0.5
-  images = tf.where(flip[:, None, None, None], tf.reverse(images, [2]), images)
-  return {'image': _normalize(images, config), 'label': batch['label']}
+    images = tf.gather(images, offsets[:, :1] + tf.range(size), axis=1, batch_dims=1)
+  images = tf.gather(images, columns + offsets[:, 1:], axis=2, batch_dims=1)
+  return {'image': images, 'label': batch['label']}
 
 
 def preprocess_eval(example, config):
@@ -370,7 +406,8 @@ def preprocess_eval(example, config):
     image = tf.slice(image, [offset[0], offset[1], 0], [size, size, 3])
   elif image.shape[0] != size or image.shape[1] != size:
     image = _resize(image, (size, size))
-  return {'image': _normalize(image, config), 'label': example['label'], 'mask': 1.0}
+  return {'image': normalize(tf.cast(image, tf.float32), config), 'label': example['label'],
+          'mask': 1.0}
 
 
 def shard(batch: dict) -> dict:
@@ -442,10 +479,12 @@ def train_batches(data: Data, config, per_epoch: int, start_step: int = 0) -> It
       ds = ds.take(per_epoch * local_batch).skip(skip * local_batch)
     if per_example:
       ds = ds.map(lambda i, e: (i, preprocess_train(
-          e, tf.random.experimental.stateless_fold_in(seed, i), config)),
+          e, tf.random.experimental.stateless_fold_in(seed, i), draws[i], config)),
                   num_parallel_calls=tf.data.AUTOTUNE)
       ds = ds.batch(local_batch, drop_remainder=True)
-    return ds.map(lambda i, batch: augment_batch(batch, tf.gather(draws, i), config))
+    if config.augment == 'pad_crop':
+      return ds.map(lambda i, batch: pad_crop_and_flip(batch, tf.gather(draws, i), config))
+    return ds.map(lambda i, batch: batch)
 
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_batches)
   ds = ds.prefetch(config.prefetch_batches).with_options(_options(config))

@@ -118,7 +118,10 @@ def read_config(workdir: str) -> dict:
     raise ValueError(f'{workdir} has no config.json: it is not a workdir of train.py or '
                      'convert.py.')
   saved = json.loads(path.read_text())
-  # A config.json written before the ablation settings existed ran with their defaults.
+  # Settings added since: a config.json written before the ablation settings existed ran with
+  # their defaults; one written before train_resize_method resumes with today's resize.
+  for field, value in default.ADDED_SETTINGS.items():
+    saved.setdefault(field, value)
   model = saved.get('model', {})
   for field, value in default.ABLATIONS.get(model.get('name'), {}).items():
     model.setdefault(field, value)

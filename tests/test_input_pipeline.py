@@ -49,9 +49,8 @@ def test_imagenet_path_on_mock_data(image_size):
     data = input_pipeline.load(config)
     batch = next(_train_batches(data, config))
     assert batch['image'].shape == (DEVICES, 16 // DEVICES, image_size, image_size, 3)
-    assert batch['image'].dtype == np.float32 and batch['label'].dtype == np.int64
-    assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
-    assert batch['image'].std() > 0.05
+    assert batch['image'].dtype == np.uint8 and batch['label'].dtype == np.int64
+    assert batch['image'].std() > 10
     labels, _ = _eval_examples(data, config)
     expected = [int(e['label']) for e in data.examples('eval').as_numpy_iterator()]
   assert len(expected) == 21 and labels == expected  # each example exactly once, in order
@@ -97,22 +96,22 @@ def test_pad_crop_and_flip_of_a_batch():
   # Per example: row offset, column offset (uniform draws scaled to 0..4) and flip (< 0.5).
   draws = np.array([[0.0, 0.0, 0.9], [0.99, 0.99, 0.1], [0.5, 0.1, 0.6], [0.3, 0.7, 0.2],
                     [0.45, 0.45, 0.5]], np.float32)
-  out = input_pipeline.augment_batch({'image': tf.constant(images), 'label': tf.range(5)},
-                                     tf.constant(draws), config)
+  out = input_pipeline.pad_crop_and_flip({'image': tf.constant(images), 'label': tf.range(5)},
+                                         tf.constant(draws), config)
   padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
   for image, image_draws, result in zip(padded, draws, out['image'].numpy()):
     row, col = (image_draws[:2] * 5).astype(int)
     expected = image[row:row + 6, col:col + 6]
     if image_draws[2] < 0.5:
       expected = expected[:, ::-1]
-    np.testing.assert_allclose(result, (expected - 127.5) / 127.5, atol=1e-6)
+    np.testing.assert_array_equal(result, expected)
   np.testing.assert_array_equal(out['label'], np.arange(5))
   # Without padding only the flips remain.
   config.crop_padding = 0
-  flipped = input_pipeline.augment_batch({'image': tf.constant(images), 'label': tf.range(5)},
-                                         tf.constant(draws), config)['image'].numpy()
+  flipped = input_pipeline.pad_crop_and_flip(
+      {'image': tf.constant(images), 'label': tf.range(5)}, tf.constant(draws), config)['image']
   expected = np.where((draws[:, 2] < 0.5)[:, None, None, None], images[:, :, ::-1], images)
-  np.testing.assert_allclose(flipped, (expected - 127.5) / 127.5, atol=1e-6)
+  np.testing.assert_array_equal(flipped, expected)
 
 
 def _write_idx(path, array):
@@ -136,9 +135,10 @@ def test_fashion_mnist_from_local_idx_files(tmp_path):
   assert (data.num_train, data.num_eval) == (12, 5)
   assert os.path.isdir(tmp_path / 'tfds' / 'fashion_mnist')  # a real TFDS data set on disk
   for split, prefix in (('train', 'train'), ('eval', 't10k')):
-    # TFDS stores the examples in its own shuffled order: compare as collections.
-    stored = sorted((e['image'][..., 0].tobytes(), int(e['label']))
-                    for e in data.examples(split).as_numpy_iterator())
+    # Streams hold the encoded PNGs; TFDS stores the examples in its own shuffled order: compare
+    # as collections.
+    stored = sorted((tf.io.decode_png(e['image']).numpy()[..., 0].tobytes(), int(e['label']))
+                    for e in data.examples(split))
     images, labels = files[prefix]
     assert stored == sorted((i.astype(np.uint8).tobytes(), int(l)) for i, l in zip(images, labels))
   batch = next(input_pipeline.eval_batches(data, _config(config, eval_batch_size=8)))
