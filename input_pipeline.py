@@ -362,13 +362,14 @@ def _inception_crop(image, seed, config) -> tf.Tensor:
 
 def preprocess_train(example, seed, draws, config):
   """The per-example part of training preprocessing, uint8 pixels: 'inception_crop': a random
-  resized crop (seeded by `seed`; resized by `config.train_resize_method` without antialiasing),
+  resized crop (seeded by `seed`; resized by `train_resize_method` and `train_resize_antialias`),
   flipped horizontally where draws[2] < 0.5; 'pad_crop': a decode and resize to image_size
   (`pad_crop_and_flip` does the rest a batch at a time)."""
   size = config.image_size
   if config.augment == 'inception_crop':
     image = _as_uint8(_resize(_inception_crop(example['image'], seed, config), (size, size),
-                              method=config.train_resize_method, antialias=False))
+                              method=config.train_resize_method,
+                              antialias=config.train_resize_antialias))
     image = tf.cond(draws[2] < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
   else:
     image = _decode(example['image'])
@@ -504,6 +505,12 @@ def eval_batches(data: Data, config) -> Iterator[dict]:
   yield from _sharded_batches(ds.with_options(_options(config)), data)
 
 
+def host_cores(config) -> int:
+  """The cores tf.data may use: this process's CPUs, or `data_threads` where that is fewer."""
+  cores = len(os.sched_getaffinity(0))
+  return min(cores, config.data_threads) if config.data_threads else cores
+
+
 def benchmark(config, steps: int) -> float:
   """Host images/s of the training pipeline over `steps` batches after a warm-up batch."""
   data = load(config)
@@ -520,9 +527,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS.bench:
     raise app.UsageError('Nothing to do: pass --bench.')
-  rate = benchmark(flags.FLAGS.config, flags.FLAGS.steps)
-  print(f'{flags.FLAGS.config.dataset}: {rate:.0f} training images/s on this host '
-        f'({flags.FLAGS.config.image_size} px, batch {flags.FLAGS.config.batch_size})')
+  config = flags.FLAGS.config
+  rate = benchmark(config, flags.FLAGS.steps)
+  cores = host_cores(config)
+  print(f'{config.dataset}: {rate:.0f} training images/s on this host, {rate / cores:.0f} per '
+        f'core ({cores} cores, {config.image_size} px, batch {config.batch_size})')
 
 
 if __name__ == '__main__':

@@ -119,7 +119,7 @@ def read_config(workdir: str) -> dict:
                      'convert.py.')
   saved = json.loads(path.read_text())
   # Settings added since: a config.json written before the ablation settings existed ran with
-  # their defaults; one written before train_resize_method resumes with today's resize.
+  # their defaults; one written before the train_resize settings resumes with today's resize.
   for field, value in default.ADDED_SETTINGS.items():
     saved.setdefault(field, value)
   model = saved.get('model', {})

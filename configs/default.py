@@ -85,7 +85,7 @@ ABLATION_FIELDS = tuple(sorted({f'model.{field}' for fields in ABLATIONS.values(
 
 # Top-level settings added after runs were made, with the value a config.json without them reads
 # with (workdirs.read_config).
-ADDED_SETTINGS = {'train_resize_method': 'bilinear'}
+ADDED_SETTINGS = {'train_resize_method': 'bilinear', 'train_resize_antialias': False}
 
 
 def changed_ablations(model) -> dict:
@@ -175,10 +175,11 @@ def get_config() -> ml_collections.ConfigDict:
   # image_size, pad by crop_padding and crop randomly; eval resize only. Both flip horizontally.
   config.augment = 'inception_crop'
   config.crop_area_min = 0.08
-  # The training crop's resize, without antialiasing: 'bilinear' as TF-slim's
-  # inception_preprocessing (fast_mode), which trained the papers' releases; 2x faster than
+  # The training crop's resize: 'bilinear' without antialiasing as TF-slim's
+  # inception_preprocessing (fast_mode), which trained the papers' releases, and 2x faster than
   # antialiased bicubic (README, "Input pipeline"). Evaluation resizes bicubic, antialiased.
   config.train_resize_method = 'bilinear'
+  config.train_resize_antialias = False
   config.eval_crop_fraction = 0.875
   config.crop_padding = 4
   config.normalization_mean = (127.5, 127.5, 127.5)  # [-1, 1], as TF's MobileNets expect

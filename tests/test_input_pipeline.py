@@ -1,6 +1,8 @@
 """The input pipeline on mock TFDS data, local IDX files, image folders and simulated processes."""
 
 import gzip
+import io
+import itertools
 import os
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import tensorflow_datasets as tfds
 import input_pipeline
 from configs import cifar10, default, mobilenet_v2, quickstart
 from conftest import ROOT
+from tools import make_imagenet_like
 
 DEVICES = jax.local_device_count()
 
@@ -289,3 +292,85 @@ def test_download_and_prepare_path_offline(tmp_path, monkeypatch):
   assert (data.num_train, data.num_eval) == (15, 3)
   assert sorted(int(e['label']) for e in data.examples('eval')) == sorted(
       labels['test_batch.bin'])
+
+
+class _NumberedImagenet(make_imagenet_like.ImagenetLike, skip_registration=True):
+  """`imagenet2012` of small generated JPEGs labelled with their index; the JPEGs of `broken`
+  cut short (they read, but do not decode)."""
+  name = 'imagenet2012'
+
+  def __init__(self, *, broken=(), **kwargs):
+    self._broken = broken
+    super().__init__(**kwargs)
+
+  def _generate_examples(self, split, count):
+    rng = np.random.default_rng(0)
+    for index in range(count):
+      jpeg = make_imagenet_like.generated_jpeg(rng, 48, 64)
+      if index in self._broken:
+        jpeg = jpeg[:len(jpeg) // 3]
+      yield f'{split}{index}', {'file_name': f'{index}.JPEG', 'image': io.BytesIO(jpeg),
+                                'label': index}
+
+
+def _numbered_imagenet(data_dir, broken=()):
+  _NumberedImagenet(data_dir=str(data_dir), broken=broken,
+                    split_sizes={'train': 3 * DEVICES, 'validation': 2}).download_and_prepare(
+                        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  config = _config(mobilenet_v2.get_config('res=32'), data_dir=str(data_dir), batch_size=DEVICES,
+                   eval_batch_size=DEVICES)
+  return input_pipeline.load(config), config
+
+
+def test_resuming_does_not_decode_the_examples_it_skips(tmp_path):
+  data, config = _numbered_imagenet(tmp_path / 'good')
+  assert data.examples('train').element_spec['image'].dtype == tf.string  # shuffled encoded
+  good = list(itertools.islice(_train_batches(data, config), 2))
+  first_step = set(good[0]['label'].reshape(-1).tolist())
+  # The same data set with the JPEGs of step 0 broken: resuming at step 1 reads them into the
+  # shuffle buffer and skips them without decoding; starting at step 0 decodes them and fails.
+  broken, config = _numbered_imagenet(tmp_path / 'broken', broken=first_step)
+  resumed = next(_train_batches(broken, config, start_step=1))
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(resumed[key], good[1][key])
+  with pytest.raises(ValueError, match='does not decode'):
+    next(_train_batches(broken, config))
+
+
+def test_jpeg_training_crop_decodes_only_its_window():
+  """decode_and_crop_jpeg gives the pixels of a full decode cut to the same window (exactly
+  without chroma subsampling; with it, libjpeg's chroma upsampling differs by a few grey levels
+  along the window's right edge); other formats decode whole; grayscale becomes RGB."""
+  config = mobilenet_v2.get_config()
+  rng = np.random.default_rng(0)
+  image = np.asarray(tf.io.decode_jpeg(make_imagenet_like.generated_jpeg(rng, 75, 100)))
+  seed = tf.constant([3, 4], tf.int64)
+  for channels in (3, 1):
+    pixels = image if channels == 3 else image[..., :1]
+    png = tf.io.encode_png(pixels)
+    for subsampled in (False, True):
+      jpeg = tf.io.encode_jpeg(pixels, quality=95, chroma_downsampling=subsampled)
+      decoded = tf.io.decode_jpeg(jpeg, channels=3)
+      window = input_pipeline._inception_crop(decoded, seed, config).numpy().astype(int)
+      assert window.shape[2] == 3 and window.shape[:2] != decoded.shape[:2]
+      difference = np.abs(input_pipeline._inception_crop(jpeg, seed, config).numpy() - window)
+      assert difference.max() == 0 if not subsampled else difference.mean() < 0.1
+    np.testing.assert_array_equal(input_pipeline._inception_crop(png, seed, config),
+                                  input_pipeline._inception_crop(tf.constant(pixels), seed, config))
+
+
+def test_imagenet_like_data_set_reads_as_imagenet2012(tmp_path):
+  builder = make_imagenet_like.prepare(str(tmp_path), train_examples=4, validation_examples=2)
+  assert builder.info.full_name == 'imagenet2012/5.1.0'
+  config = _config(mobilenet_v2.get_config('res=64'), data_dir=str(tmp_path), batch_size=DEVICES,
+                   eval_batch_size=DEVICES, shuffle_buffer=4)
+  data = input_pipeline.load(config)
+  assert (data.num_train, data.num_eval) == (4, 2)
+  sizes = []
+  for example in data.examples('train'):
+    assert tf.io.is_jpeg(example['image'])
+    sizes.append(len(example['image'].numpy()))
+    assert tuple(tf.image.extract_jpeg_shape(example['image'])[:2]) in make_imagenet_like.SIZES
+  assert 50_000 < np.mean(sizes) < 200_000  # ImageNet's JPEGs average about 110 kB
+  labels, padding = _eval_examples(data, config)
+  assert len(labels) == 2 and padding == DEVICES - 2

@@ -121,6 +121,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ({'checkpoint_every_steps': 0, 'checkpoint_every_epochs': -1.0},
      'checkpoint_every_epochs must be > 0'),
     ({'dataset': 'mnist'}, "Dataset 'mnist' is not prepared in"),
+    ({'train_resize_method': 'area'}, "Unknown train_resize_method 'area'; valid: bilinear"),
 ])
 def test_bad_config_fails_before_compiling(tmp_path, monkeypatch, overrides, message):
   config = tiny_config(**{'data_dir': str(tmp_path / 'no_data'), **overrides})
@@ -194,6 +195,17 @@ def test_the_train_step_compiles_once(train_state_and_step):
     state = step(state, next(batches))[0]
   jax.block_until_ready(state)
   assert not lowerings
+
+
+def test_the_train_step_takes_uint8_pixels(train_state_and_step):
+  """Training batches are uint8 pixels the step normalizes; normalized floats would be
+  normalized twice, so they are refused."""
+  config = tiny_config()
+  state, step = train_state_and_step(config)
+  batch = next(input_pipeline.train_batches(input_pipeline.load(config), config, 4))
+  assert batch['image'].dtype == np.uint8
+  with pytest.raises(TypeError, match='train_step takes uint8 pixels'):
+    step(train.replicate(state), {**batch, 'image': batch['image'].astype(np.float32)})
 
 
 def test_half_precision_step_keeps_float32_state(train_state_and_step):
