@@ -10,6 +10,11 @@ import json
 import statistics
 import time
 
+import hugepages
+
+if __name__ == '__main__':
+  hugepages.restart_with_huge_pages()  # as train.py: before TensorFlow and JAX are imported
+
 from absl import app
 from absl import flags
 import jax
@@ -50,17 +55,21 @@ def synthetic_batch(batch_size: int, config, train: bool):
   return jax.pmap(lambda x: x)(batch)  # one shard on each local device
 
 
-def run(config, steps: int, warmup: int) -> dict:
+def time_train_step(config, steps: int, warmup: int) -> tuple[float, object]:
+  """(median seconds of train.py's pmapped train step on a synthetic batch, the state after)."""
   train.check_config(config)
   model = models.get_model(config, axis_name='batch')
   schedule = optimizers.create_schedule(config, 1000, 100_000)
   state = train.replicate(
       train.create_train_state(config, model, optimizers.create_optimizer(config, schedule)))
   p_train = train.pmap_train_step(config, schedule)
-  p_eval = train.pmap_eval_step(config)
-
   train_batch = synthetic_batch(config.batch_size, config, train=True)
-  train_seconds, state = _median_seconds(p_train, state, train_batch, steps, warmup)
+  return _median_seconds(p_train, state, train_batch, steps, warmup)
+
+
+def run(config, steps: int, warmup: int) -> dict:
+  train_seconds, state = time_train_step(config, steps, warmup)
+  p_eval = train.pmap_eval_step(config)
   eval_batch = synthetic_batch(config.eval_batch_size, config, train=False)
   eval_seconds, _ = _median_seconds(lambda s, b: (s, p_eval(s, b)), state, eval_batch,
                                     steps, warmup)

@@ -441,10 +441,13 @@ def _sharded_batches(ds: tf.data.Dataset, data: Data) -> Iterator[dict]:
     yield shard(batch)  # outside the try: closing the generator raises GeneratorExit here
 
 
-def train_batches(data: Data, config, per_epoch: int, start_step: int = 0) -> Iterator[dict]:
-  """This process's part of the global training batch of every step from `start_step` on, with
-  `per_epoch` steps (`steps_per_epoch`) an epoch: one tf.data iterator over all epochs, epoch e
-  ordered and augmented by (seed, e)."""
+def train_batches(data: Data, config, per_epoch: int, start_step: int = 0,
+                  end_step: Optional[int] = None) -> Iterator[dict]:
+  """This process's part of the global training batch of steps start_step + 1 to `end_step`
+  (None: without end), with `per_epoch` steps (`steps_per_epoch`) an epoch: one tf.data iterator
+  over all epochs, epoch e ordered and augmented by (seed, e). With an end, the pipeline has
+  nothing left in flight after the last batch, so closing it is immediate (an endless one that
+  is closed waits for the work under way, seconds on a busy host)."""
   local_batch = config.batch_size // jax.process_count()
   first_epoch, offset = divmod(start_step, per_epoch)
   # Data in memory that fits the shuffle buffer is permuted whole, by index, and each process
@@ -487,7 +490,10 @@ def train_batches(data: Data, config, per_epoch: int, start_step: int = 0) -> It
       return ds.map(lambda i, batch: pad_crop_and_flip(batch, tf.gather(draws, i), config))
     return ds.map(lambda i, batch: batch)
 
-  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_batches)
+  end_epoch = 2**62 if end_step is None else -(-end_step // per_epoch)
+  ds = tf.data.Dataset.range(first_epoch, end_epoch).flat_map(epoch_batches)
+  if end_step is not None:
+    ds = ds.take(end_step - start_step)
   ds = ds.prefetch(config.prefetch_batches).with_options(_options(config))
   yield from _sharded_batches(ds, data)
 

@@ -405,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     window_start += time.time() - save_start
 
   batches = jax_utils.prefetch_to_device(
-      input_pipeline.train_batches(data, config, steps_per_epoch, start_step),
+      input_pipeline.train_batches(data, config, steps_per_epoch, start_step, total_steps),
       config.prefetch_batches)
   with PreemptionSignals() as preemption:
     for step in range(start_step + 1, total_steps + 1):

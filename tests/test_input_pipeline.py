@@ -88,6 +88,12 @@ def test_train_order_is_a_function_of_the_step(shuffle_buffer):
     for key in ('image', 'label'):
       np.testing.assert_array_equal(resumed[key], first[start][key])
   assert not np.array_equal(first[0]['label'], first[4]['label'])  # epochs are reshuffled
+  # With an end step, the same batches and then the end (nothing left in flight to wait for).
+  per_epoch = input_pipeline.steps_per_epoch(data, config.batch_size)
+  ended = list(input_pipeline.train_batches(data, config, per_epoch, start_step=2, end_step=7))
+  assert len(ended) == 5
+  for batch, expected in zip(ended, first[2:7]):
+    np.testing.assert_array_equal(batch['image'], expected['image'])
   # Every example once per epoch.
   epoch = np.concatenate([b['label'].reshape(-1) for b in first[:4]])
   assert sorted(epoch) == sorted(e['label'] for e in data.examples('train').as_numpy_iterator())
