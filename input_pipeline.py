@@ -12,13 +12,15 @@ Sources (`config.dataset`):
 Data held in memory (`cache`, 'synthetic') is ordered globally: every process holds the whole
 training split, epoch e permutes it by (seed, e), and each process takes its slice of every global
 batch, so that N processes train on exactly the batches of one and a run may resume on another
-number of processes. Streamed data (TFDS without `cache`, 'folder:') is read in per-process parts
+number of processes. Streamed data (TFDS without `cache`, 'folder:') stays encoded until its
+training crop is decoded (JPEGs: only the crop window), and is read in per-process parts
 (`tfds.split_for_jax_process`), each shuffled by its own buffer, as the Flax ImageNet example does:
 the same distribution on any number of processes, not the same order. Either way every random
 augmentation is drawn for (seed, e, example), so the batch of any step can be rebuilt:
 `train_batches` resumes a run exactly from any step. Evaluation reads each process's part of the
 split once, padded to full batches with a `mask` that is 0 on padding, the same number of batches
-on every process.
+on every process. Training batches carry uint8 pixels, which the train step normalizes on the
+devices; evaluation batches carry normalized float32 images.
 
     python input_pipeline.py --config=configs/quickstart.py --bench   # host images/s
 """
@@ -520,7 +522,8 @@ def host_cores(config) -> int:
 def benchmark(config, steps: int) -> float:
   """Host images/s of the training pipeline over `steps` batches after a warm-up batch."""
   data = load(config)
-  batches = train_batches(data, config, steps_per_epoch(data, config.batch_size))
+  batches = train_batches(data, config, steps_per_epoch(data, config.batch_size),
+                          end_step=steps + 1)
   next(batches)
   start = time.perf_counter()
   for _ in range(steps):

@@ -1,4 +1,4 @@
-"""The offline main job: MobileNet V1 (alpha 0.25, 48 px) on Fashion-MNIST, 5 epochs, about 8
+"""The offline main job: MobileNet V1 (alpha 0.25, 48 px) on Fashion-MNIST, 5 epochs, about 3
 minutes on a 2-core CPU.
 
     python train.py --config=configs/quickstart.py --workdir=runs/quickstart

@@ -2,6 +2,7 @@ r"""Train-step images/s of our networks against the same networks in PyTorch eag
 
     python tools/compare_pytorch.py                       # README's table: all rows, 20 steps
     python tools/compare_pytorch.py --rows=v2_0.5_32 --steps=50 --json
+    python tools/compare_pytorch.py --rows=v1_1.0_224 --parts   # where the time goes
 
 Each row times both sides in the same process, one after the other, and reports their ratio
 (these machines are noisy; compare ratios, not images/s across runs). Both sides: float32,
@@ -11,6 +12,10 @@ images normalized in the step, the model's `conv_impl='auto'`); PyTorch's is pyt
 (the peer of tests/test_convert.py; its fixed 7x7 final pooling replaced by a global one so that
 small inputs run) in channels_last memory format: forward, cross-entropy, backward and
 `optimizer.step()`. The median step time after `--warmup` steps counts.
+
+`--parts` adds, per row, the forward pass alone (ours: the jitted loss in training mode; PyTorch:
+under `no_grad`) and the network's first stride-1 3x3 depthwise convolution alone, forward and
+backward (ours: `models.layers.ShiftedConv`, the CPU default; PyTorch: `Conv2d(groups=C)`).
 
 PyTorch and pytorchcv come with requirements-test.txt and requirements-peers.txt (setup.sh).
 """
@@ -33,9 +38,16 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 import torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pytorchcv.models import mobilenet, mobilenetv2, shufflenet  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import mobilenet_v1, mobilenet_v2  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import shufflenet as shufflenet_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from models import layers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,36 +94,110 @@ def our_config(row: Row):
   return config
 
 
-def pytorch_step_seconds(row: Row, image_size: int, steps: int, warmup: int) -> float:
-  """Median seconds of one eager PyTorch training step of the row's pytorchcv network."""
-  torch.manual_seed(0)
-  model = row.peer()
-  model.features.final_pool = torch.nn.AdaptiveAvgPool2d(1)
-  model = model.to(memory_format=torch.channels_last).train()
-  optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM,
-                              weight_decay=WEIGHT_DECAY)
-  images = torch.randn(row.batch_size, 3, image_size, image_size).to(
-      memory_format=torch.channels_last)
-  labels = torch.randint(0, 1000, (row.batch_size,))
-  loss_fn = torch.nn.CrossEntropyLoss()
+def median_seconds(fn, steps: int, warmup: int) -> float:
+  """Median wall time of `fn()` (which waits for its results) after `warmup` calls."""
   times = []
   for step in range(warmup + steps):
     start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    loss_fn(model(images), labels).backward()
-    optimizer.step()
+    fn()
     if step >= warmup:
       times.append(time.perf_counter() - start)
   return statistics.median(times)
 
 
-def compare(row: Row, steps: int, warmup: int) -> dict:
+def pytorch_network(row: Row) -> torch.nn.Module:
+  torch.manual_seed(0)
+  model = row.peer()
+  model.features.final_pool = torch.nn.AdaptiveAvgPool2d(1)
+  return model.to(memory_format=torch.channels_last).train()
+
+
+def pytorch_step_seconds(row: Row, image_size: int, steps: int, warmup: int) -> float:
+  """Median seconds of one eager PyTorch training step of the row's pytorchcv network."""
+  model = pytorch_network(row)
+  optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM,
+                              weight_decay=WEIGHT_DECAY)
+  images = torch.randn(row.batch_size, 3, image_size, image_size).to(
+      memory_format=torch.channels_last)
+  labels = torch.randint(0, 1000, (row.batch_size,))
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    optimizer.step()
+  return median_seconds(step, steps, warmup)
+
+
+def forward_seconds(row: Row, config, steps: int, warmup: int) -> tuple[float, float]:
+  """(ours, PyTorch's) median seconds of the training-mode forward pass and loss alone."""
+  model = models.get_model(config)
+  images = jnp.asarray(np.random.default_rng(0).normal(
+      size=(row.batch_size, config.image_size, config.image_size, 3)), jnp.float32)
+  labels = jnp.zeros((row.batch_size,), jnp.int32)
+  variables = model.init(jax.random.key(0), images, train=False)
+  @jax.jit
+  def loss(variables):
+    logits, _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  ours = median_seconds(lambda: jax.block_until_ready(loss(variables)), steps, warmup)
+  network = pytorch_network(row)
+  images = torch.randn(row.batch_size, 3, config.image_size, config.image_size).to(
+      memory_format=torch.channels_last)
+  torch_labels = torch.zeros(row.batch_size, dtype=torch.long)
+  def forward():
+    with torch.no_grad():
+      torch.nn.functional.cross_entropy(network(images), torch_labels)
+  return ours, median_seconds(forward, steps, warmup)
+
+
+def depthwise_seconds(row: Row, steps: int, warmup: int) -> tuple[float, float, tuple]:
+  """(ours, PyTorch's) median seconds of forward and backward of the pytorchcv network's first
+  stride-1 3x3 depthwise convolution at its input shape, and that shape (N, H, W, C)."""
+  network = pytorch_network(row).eval()
+  shapes = {}
+  def record(module, inputs, unused_output):
+    shapes.setdefault(module, inputs[0].shape)
+  depthwise = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)
+               and m.groups == m.in_channels == m.out_channels > 1 and m.stride == (1, 1)]
+  hooks = [m.register_forward_hook(record) for m in depthwise]
+  image_size = our_config(row).image_size
+  with torch.no_grad():
+    network(torch.randn(1, 3, image_size, image_size))
+  for hook in hooks:
+    hook.remove()
+  _, channels, height, width = shapes[depthwise[0]]
+  shape = (row.batch_size, height, width, channels)
+  conv = layers.ShiftedConv(channels, (3, 3), feature_group_count=channels)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  params = conv.init(jax.random.key(0), x)
+  grad = jax.jit(jax.grad(lambda p, x: (conv.apply(p, x) ** 2).sum(), argnums=(0, 1)))
+  ours = median_seconds(lambda: jax.block_until_ready(grad(params, x)), steps, warmup)
+  layer = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False).to(
+      memory_format=torch.channels_last)
+  xt = torch.randn(shape[0], channels, height, width).to(
+      memory_format=torch.channels_last).requires_grad_()
+  def forward_backward():
+    xt.grad = None
+    layer.zero_grad(set_to_none=True)
+    (layer(xt) ** 2).sum().backward()
+  return ours, median_seconds(forward_backward, steps, warmup), shape
+
+
+def compare(row: Row, steps: int, warmup: int, parts: bool) -> dict:
   config = our_config(row)
   ours, _ = benchmark.time_train_step(config, steps, warmup)
   theirs = pytorch_step_seconds(row, config.image_size, steps, warmup)
-  return {'row': row.name, 'batch_size': row.batch_size,
-          'ours_images_per_sec': row.batch_size / ours,
-          'pytorch_images_per_sec': row.batch_size / theirs, 'ratio': theirs / ours}
+  result = {'row': row.name, 'batch_size': row.batch_size,
+            'ours_images_per_sec': row.batch_size / ours,
+            'pytorch_images_per_sec': row.batch_size / theirs, 'ratio': theirs / ours}
+  if parts:
+    ours_forward, pytorch_forward = forward_seconds(row, config, steps, warmup)
+    ours_depthwise, pytorch_depthwise, shape = depthwise_seconds(row, steps, warmup)
+    result.update({
+        'ours_step_ms': 1000 * ours, 'pytorch_step_ms': 1000 * theirs,
+        'ours_forward_ms': 1000 * ours_forward, 'pytorch_forward_ms': 1000 * pytorch_forward,
+        'depthwise_shape': shape, 'ours_depthwise_ms': 1000 * ours_depthwise,
+        'pytorch_depthwise_ms': 1000 * pytorch_depthwise})
+  return result
 
 
 def main(argv):
@@ -125,12 +211,19 @@ def main(argv):
   if not flags.FLAGS.json:
     print('| network | batch | ours (images/s) | PyTorch eager | ours / PyTorch |\n|---|---|---|---|---|')
   for key in flags.FLAGS.rows:
-    result = compare(ROWS[key], flags.FLAGS.steps, flags.FLAGS.warmup)
+    result = compare(ROWS[key], flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.parts)
     if flags.FLAGS.json:
       print(json.dumps(result), flush=True)
-    else:
-      print(f'| {result["row"]} | {result["batch_size"]} | {result["ours_images_per_sec"]:,.1f} '
-            f'| {result["pytorch_images_per_sec"]:,.1f} | {result["ratio"]:.2f}x |', flush=True)
+      continue
+    print(f'| {result["row"]} | {result["batch_size"]} | {result["ours_images_per_sec"]:,.1f} '
+          f'| {result["pytorch_images_per_sec"]:,.1f} | {result["ratio"]:.2f}x |', flush=True)
+    if flags.FLAGS.parts:
+      print(f'|   step / forward only (ms) | | {result["ours_step_ms"]:.1f} / '
+            f'{result["ours_forward_ms"]:.1f} | {result["pytorch_step_ms"]:.1f} / '
+            f'{result["pytorch_forward_ms"]:.1f} | |\n'
+            f'|   3x3 depthwise at {result["depthwise_shape"]}, forward+backward (ms) | | '
+            f'{result["ours_depthwise_ms"]:.1f} | {result["pytorch_depthwise_ms"]:.1f} | |',
+            flush=True)
 
 
 if __name__ == '__main__':
@@ -138,4 +231,5 @@ if __name__ == '__main__':
   flags.DEFINE_integer('steps', 20, 'Timed steps per side.')
   flags.DEFINE_integer('warmup', 3, 'Untimed steps per side after compilation.')
   flags.DEFINE_bool('json', False, 'One JSON object per row.')
+  flags.DEFINE_bool('parts', False, 'Also time the forward pass alone and a depthwise layer.')
   app.run(main)

@@ -1,0 +1,44 @@
+"""benchmark.py and tools/compare_pytorch.py on the command line, as users run them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_benchmark_command_times_train_and_eval_steps():
+  out = subprocess.run(
+      [sys.executable, 'benchmark.py', '--config=configs/mobilenet_v1.py:alpha=0.25,res=32',
+       '--config.batch_size=8', '--config.eval_batch_size=8', '--config.num_classes=4',
+       '--steps=2', '--warmup=1', '--json'],
+      cwd=ROOT, capture_output=True, text=True, check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['device_count'] == 8 and result['batch_size'] == 8
+  assert result['train_images_per_sec'] > 0 and result['eval_images_per_sec'] > 0
+
+
+@pytest.mark.slow
+def test_compare_pytorch_times_both_sides_and_the_parts():
+  out = subprocess.run(
+      [sys.executable, 'tools/compare_pytorch.py', '--rows=v2_0.5_32', '--steps=2', '--warmup=1',
+       '--json', '--parts'],
+      cwd=ROOT, capture_output=True, text=True, check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['row'] == 'MobileNet V2 0.5, 32 px' and result['batch_size'] == 128
+  ours, theirs = result['ours_images_per_sec'], result['pytorch_images_per_sec']
+  assert ours > 0 and theirs > 0 and result['ratio'] == pytest.approx(ours / theirs)
+  # pytorchcv's MobileNet V2 0.5: the first stride-1 depthwise convolution is the first block's,
+  # 16x16 at 32 px with 16 channels (32 x 0.5).
+  assert result['depthwise_shape'] == [128, 16, 16, 16]
+  assert result['ours_forward_ms'] > 0 and result['pytorch_depthwise_ms'] > 0
+
+
+@pytest.mark.slow
+def test_unknown_rows_are_one_error():
+  out = subprocess.run([sys.executable, 'tools/compare_pytorch.py', '--rows=v3_1.0_224'],
+                       cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode != 0 and "Unknown rows ['v3_1.0_224']" in out.stderr
