@@ -22,15 +22,14 @@ import time
 from typing import Optional
 
 import hugepages
+import quiet_tensorflow
 
+PROCESS_START = time.time()
 if __name__ == '__main__':
   # Before TensorFlow and JAX are imported (the imports below come after this on purpose): the
   # restart runs this file again from the start, and they load and greet once.
   hugepages.restart_with_huge_pages()
-  # TensorFlow's C++ INFO lines (its oneDNN banner, printed once by each of its two libraries)
-  # are not for users; its warnings and errors still show. TF_CPP_MIN_LOG_LEVEL=0 brings them.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
-PROCESS_START = time.time()
+  quiet_tensorflow.import_tensorflow()  # without its doubled oneDNN banner on stderr
 
 from absl import app
 from absl import flags
