@@ -11,9 +11,11 @@ import statistics
 import time
 
 import hugepages
+import quiet_tensorflow
 
 if __name__ == '__main__':
   hugepages.restart_with_huge_pages()  # as train.py: before TensorFlow and JAX are imported
+  quiet_tensorflow.import_tensorflow()
 
 from absl import app
 from absl import flags

@@ -253,13 +253,14 @@ def _tfds(config) -> Data:
     # No recorded split sizes (a data set without metadata): count the examples.
     return int(builder.as_dataset(split=split).reduce(0, lambda count, _: count + 1))
   def read(split, decode):
-    # Streams keep images encoded (a shuffle buffer of JPEG bytes, 1/5 of a decoded image's
-    # memory or less, and skipped examples never decoded); preprocessing decodes them.
+    # Only the image and the label are parsed. Streams keep images encoded (a shuffle buffer of
+    # JPEG bytes, 1/5 of a decoded image's memory or less, and skipped examples never decoded);
+    # preprocessing decodes them.
     encoded = isinstance(builder.info.features['image'], tfds.features.Image)
-    decoders = None if decode or not encoded else {'image': tfds.decode.SkipDecoding()}
-    return (builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
-                               read_config=tfds.ReadConfig(skip_prefetch=True))
-            .map(lambda e: {'image': e['image'], 'label': e['label']}))
+    skip = {'image': tfds.decode.SkipDecoding()} if encoded and not decode else None
+    decoders = tfds.decode.PartialDecoding({'image': True, 'label': True}, decoders=skip)
+    return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                              read_config=tfds.ReadConfig(skip_prefetch=True))
   local = {k: tfds.split_for_jax_process(v, drop_remainder=False) for k, v in splits.items()}
   data = Data(config.dataset, size(splits['train']), size(splits['eval']),
               streams={k: read(v, decode=False) for k, v in local.items()},
