@@ -29,16 +29,24 @@ import optimizers
 import train
 
 
-def _median_seconds(step_fn, state, batch, steps: int, warmup: int) -> tuple[float, object]:
-  """Median wall time of `state, outputs = step_fn(state, batch)`, waiting for both."""
-  for _ in range(warmup):
-    state = jax.block_until_ready(step_fn(state, batch))[0]
+def median_seconds(fn, steps: int, warmup: int) -> float:
+  """Median wall time of `fn()` (which waits for its results) over `steps` calls after `warmup`."""
   times = []
-  for _ in range(steps):
+  for call in range(warmup + steps):
     start = time.perf_counter()
-    state = jax.block_until_ready(step_fn(state, batch))[0]
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), state
+    fn()
+    if call >= warmup:
+      times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _median_seconds(step_fn, state, batch, steps: int, warmup: int) -> tuple[float, object]:
+  """(Median wall time of `state, outputs = step_fn(state, batch)`, waiting for both; the state
+  after the last call)."""
+  states = [state]
+  def step():
+    states.append(jax.block_until_ready(step_fn(states.pop(), batch))[0])
+  return median_seconds(step, steps, warmup), states.pop()
 
 
 def synthetic_batch(batch_size: int, config, train: bool):

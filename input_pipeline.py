@@ -252,11 +252,11 @@ def _tfds(config) -> Data:
       return builder.info.splits[split].num_examples
     # No recorded split sizes (a data set without metadata): count the examples.
     return int(builder.as_dataset(split=split).reduce(0, lambda count, _: count + 1))
+  # Only the image and the label are parsed. Streams keep images encoded (a shuffle buffer of
+  # JPEG bytes, 1/5 of a decoded image's memory or less, and skipped examples never decoded);
+  # preprocessing decodes them.
+  encoded = isinstance(builder.info.features['image'], tfds.features.Image)
   def read(split, decode):
-    # Only the image and the label are parsed. Streams keep images encoded (a shuffle buffer of
-    # JPEG bytes, 1/5 of a decoded image's memory or less, and skipped examples never decoded);
-    # preprocessing decodes them.
-    encoded = isinstance(builder.info.features['image'], tfds.features.Image)
     skip = {'image': tfds.decode.SkipDecoding()} if encoded and not decode else None
     decoders = tfds.decode.PartialDecoding({'image': True, 'label': True}, decoders=skip)
     return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,

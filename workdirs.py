@@ -120,8 +120,9 @@ def read_config(workdir: str) -> dict:
   saved = json.loads(path.read_text())
   # Settings added since: a config.json written before the ablation settings existed ran with
   # their defaults; one written before the train_resize settings resumes with today's resize.
-  for field, value in default.ADDED_SETTINGS.items():
-    saved.setdefault(field, value)
+  defaults = default.get_config()
+  for field in default.ADDED_SETTINGS:
+    saved.setdefault(field, defaults[field])
   model = saved.get('model', {})
   for field, value in default.ABLATIONS.get(model.get('name'), {}).items():
     model.setdefault(field, value)

@@ -83,9 +83,9 @@ ABLATIONS = {
 ABLATION_FIELDS = tuple(sorted({f'model.{field}' for fields in ABLATIONS.values()
                                 for field in fields}))
 
-# Top-level settings added after runs were made, with the value a config.json without them reads
-# with (workdirs.read_config).
-ADDED_SETTINGS = {'train_resize_method': 'bilinear', 'train_resize_antialias': False}
+# Top-level settings added after runs were made: a config.json without them reads with their
+# default (workdirs.read_config).
+ADDED_SETTINGS = ('train_resize_method', 'train_resize_antialias')
 
 
 def changed_ablations(model) -> dict:
@@ -177,7 +177,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.crop_area_min = 0.08
   # The training crop's resize: 'bilinear' without antialiasing as TF-slim's
   # inception_preprocessing (fast_mode), which trained the papers' releases, and 2.5x faster than
-  # antialiased bicubic (README, "Input pipeline at accelerator rates"). Evaluation resizes bicubic, antialiased.
+  # antialiased bicubic (README, "Input pipeline at accelerator rates"). Evaluation resizes
+  # bicubic, antialiased.
   config.train_resize_method = 'bilinear'
   config.train_resize_antialias = False
   config.eval_crop_fraction = 0.875

@@ -23,9 +23,7 @@ PyTorch and pytorchcv come with requirements-test.txt and requirements-peers.txt
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hugepages  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -94,17 +92,6 @@ def our_config(row: Row):
   return config
 
 
-def median_seconds(fn, steps: int, warmup: int) -> float:
-  """Median wall time of `fn()` (which waits for its results) after `warmup` calls."""
-  times = []
-  for step in range(warmup + steps):
-    start = time.perf_counter()
-    fn()
-    if step >= warmup:
-      times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def pytorch_network(row: Row) -> torch.nn.Module:
   torch.manual_seed(0)
   model = row.peer()
@@ -124,7 +111,7 @@ def pytorch_step_seconds(row: Row, image_size: int, steps: int, warmup: int) -> 
     optimizer.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(model(images), labels).backward()
     optimizer.step()
-  return median_seconds(step, steps, warmup)
+  return benchmark.median_seconds(step, steps, warmup)
 
 
 def forward_seconds(row: Row, config, steps: int, warmup: int) -> tuple[float, float]:
@@ -138,7 +125,7 @@ def forward_seconds(row: Row, config, steps: int, warmup: int) -> tuple[float, f
   def loss(variables):
     logits, _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  ours = median_seconds(lambda: jax.block_until_ready(loss(variables)), steps, warmup)
+  ours = benchmark.median_seconds(lambda: jax.block_until_ready(loss(variables)), steps, warmup)
   network = pytorch_network(row)
   images = torch.randn(row.batch_size, 3, config.image_size, config.image_size).to(
       memory_format=torch.channels_last)
@@ -146,10 +133,11 @@ def forward_seconds(row: Row, config, steps: int, warmup: int) -> tuple[float, f
   def forward():
     with torch.no_grad():
       torch.nn.functional.cross_entropy(network(images), torch_labels)
-  return ours, median_seconds(forward, steps, warmup)
+  return ours, benchmark.median_seconds(forward, steps, warmup)
 
 
-def depthwise_seconds(row: Row, steps: int, warmup: int) -> tuple[float, float, tuple]:
+def depthwise_seconds(row: Row, image_size: int, steps: int,
+                      warmup: int) -> tuple[float, float, tuple]:
   """(ours, PyTorch's) median seconds of forward and backward of the pytorchcv network's first
   stride-1 3x3 depthwise convolution at its input shape, and that shape (N, H, W, C)."""
   network = pytorch_network(row).eval()
@@ -159,7 +147,6 @@ def depthwise_seconds(row: Row, steps: int, warmup: int) -> tuple[float, float, 
   depthwise = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)
                and m.groups == m.in_channels == m.out_channels > 1 and m.stride == (1, 1)]
   hooks = [m.register_forward_hook(record) for m in depthwise]
-  image_size = our_config(row).image_size
   with torch.no_grad():
     network(torch.randn(1, 3, image_size, image_size))
   for hook in hooks:
@@ -170,7 +157,7 @@ def depthwise_seconds(row: Row, steps: int, warmup: int) -> tuple[float, float, 
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
   params = conv.init(jax.random.key(0), x)
   grad = jax.jit(jax.grad(lambda p, x: (conv.apply(p, x) ** 2).sum(), argnums=(0, 1)))
-  ours = median_seconds(lambda: jax.block_until_ready(grad(params, x)), steps, warmup)
+  ours = benchmark.median_seconds(lambda: jax.block_until_ready(grad(params, x)), steps, warmup)
   layer = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False).to(
       memory_format=torch.channels_last)
   xt = torch.randn(shape[0], channels, height, width).to(
@@ -179,7 +166,7 @@ def depthwise_seconds(row: Row, steps: int, warmup: int) -> tuple[float, float, 
     xt.grad = None
     layer.zero_grad(set_to_none=True)
     (layer(xt) ** 2).sum().backward()
-  return ours, median_seconds(forward_backward, steps, warmup), shape
+  return ours, benchmark.median_seconds(forward_backward, steps, warmup), shape
 
 
 def compare(row: Row, steps: int, warmup: int, parts: bool) -> dict:
@@ -191,7 +178,8 @@ def compare(row: Row, steps: int, warmup: int, parts: bool) -> dict:
             'pytorch_images_per_sec': row.batch_size / theirs, 'ratio': theirs / ours}
   if parts:
     ours_forward, pytorch_forward = forward_seconds(row, config, steps, warmup)
-    ours_depthwise, pytorch_depthwise, shape = depthwise_seconds(row, steps, warmup)
+    ours_depthwise, pytorch_depthwise, shape = depthwise_seconds(row, config.image_size, steps,
+                                                                 warmup)
     result.update({
         'ours_step_ms': 1000 * ours, 'pytorch_step_ms': 1000 * theirs,
         'ours_forward_ms': 1000 * ours_forward, 'pytorch_forward_ms': 1000 * pytorch_forward,
