@@ -103,6 +103,8 @@ def run(config, steps: int, warmup: int) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if flags.FLAGS.steps < 1 or flags.FLAGS.warmup < 0:
+    raise app.UsageError('--steps must be at least 1 and --warmup at least 0.')
   result = run(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.warmup)
   if flags.FLAGS.json:
     print(json.dumps(result))

@@ -38,7 +38,16 @@ def test_compare_pytorch_times_both_sides_and_the_parts():
 
 
 @pytest.mark.slow
-def test_unknown_rows_are_one_error():
-  out = subprocess.run([sys.executable, 'tools/compare_pytorch.py', '--rows=v3_1.0_224'],
-                       cwd=ROOT, capture_output=True, text=True)
-  assert out.returncode != 0 and "Unknown rows ['v3_1.0_224']" in out.stderr
+@pytest.mark.parametrize('command,message', [
+    (['tools/compare_pytorch.py', '--rows=v3_1.0_224'], "Unknown rows ['v3_1.0_224']"),
+    (['tools/compare_pytorch.py', '--steps=0'], '--steps must be at least 1'),
+    (['benchmark.py', '--config=configs/mobilenet_v1.py', '--warmup=-1'],
+     '--warmup at least 0'),
+    (['tools/make_imagenet_like.py', '--data_dir=UNUSED', '--validation_examples=0'],
+     '--validation_examples must be at least 1'),
+])
+def test_bad_arguments_are_one_error(tmp_path, command, message):
+  command = [part.replace('UNUSED', str(tmp_path / 'data')) for part in command]
+  out = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode != 0 and message in out.stderr
+  assert not (tmp_path / 'data').exists()

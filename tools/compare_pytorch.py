@@ -191,6 +191,8 @@ def compare(row: Row, steps: int, warmup: int, parts: bool) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if flags.FLAGS.steps < 1 or flags.FLAGS.warmup < 0:
+    raise app.UsageError('--steps must be at least 1 and --warmup at least 0.')
   unknown = set(flags.FLAGS.rows) - set(ROWS)
   if unknown:
     raise app.UsageError(f'Unknown rows {sorted(unknown)}; valid: {", ".join(ROWS)}.')

@@ -80,6 +80,9 @@ def prepare(data_dir: str, train_examples: int, validation_examples: int,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  for name in ('train_examples', 'validation_examples'):
+    if flags.FLAGS[name].value < 1:
+      raise app.UsageError(f'--{name} must be at least 1, got {flags.FLAGS[name].value}.')
   builder = prepare(flags.FLAGS.data_dir, flags.FLAGS.train_examples,
                     flags.FLAGS.validation_examples, flags.FLAGS.seed)
   size = sum(os.path.getsize(os.path.join(builder.data_path, f))
