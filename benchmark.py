@@ -14,7 +14,7 @@ import hugepages
 import quiet_tensorflow
 
 if __name__ == '__main__':
-  hugepages.restart_with_huge_pages()  # as train.py: before TensorFlow and JAX are imported
+  hugepages.restart_with_huge_pages()  # as main.py: before TensorFlow and JAX are imported
   quiet_tensorflow.import_tensorflow()
 
 from absl import app
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from configs import default
+import cli
 import models
 import optimizers
 import train
@@ -70,7 +70,7 @@ def time_train_step(config, steps: int, warmup: int) -> tuple[float, object]:
   train.check_config(config)
   model = models.get_model(config, axis_name='batch')
   schedule = optimizers.create_schedule(config, 1000, 100_000)
-  state = train.replicate(
+  state = train.replicated(
       train.create_train_state(config, model, optimizers.create_optimizer(config, schedule)))
   p_train = train.pmap_train_step(config, schedule)
   train_batch = synthetic_batch(config.batch_size, config, train=True)
@@ -121,4 +121,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('warmup', 5, 'Untimed steps after compilation.')
   flags.DEFINE_bool('json', False, 'Print one JSON object.')
   flags.mark_flag_as_required('config')
-  app.run(main, flags_parser=default.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+import cli
 from configs import default
 import models
 
@@ -205,6 +206,6 @@ if __name__ == '__main__':
   flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
   flags.mark_flag_as_required('config')
   try:
-    app.run(main, flags_parser=default.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
   except ValueError as e:
     sys.exit(f'error: {e}')

@@ -6,12 +6,12 @@ r"""Published weights to a workdir of ours, and our checkpoints back to Keras.
         --config=configs/mobilenet_v2.py --workdir=runs/keras_v2_1.0_224
     python convert.py --format=pytorchcv --source=shufflenet_g3_w1-xxxx.pth \
         --config=configs/shufflenet.py:groups=3 --workdir=runs/pytorchcv_g3
-    python convert.py --export=model.weights.h5 --workdir=runs/v2_0.5   # ours -> Keras
+    python convert.py --to_keras=model.weights.h5 --workdir=runs/v2_0.5   # ours -> Keras
 
 An import writes `workdir/config.json` (the --config with the settings the weights need: input
 normalization, BatchNorm epsilon, class count and offset, ShuffleNet's concatenation order) and an
 Orbax checkpoint at step 0, the format train.py writes. Evaluate it with
-`train.py --workdir=DIR --config=... --config.eval_only=True`, fine-tune from it with
+`main.py --workdir=DIR --config=... --config.eval_only=True`, fine-tune from it with
 `--config.init_from=DIR`, or classify images with `predict.py --workdir=DIR`. Nothing is written
 unless every tensor converts; an existing workdir is never touched.
 """
@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
+import cli
 from configs import default
-import converters
+import weight_formats
 import models
 import optimizers
 import workdirs
@@ -39,11 +40,11 @@ def converted_config(fmt: str, config: ml_collections.ConfigDict,
                      source: dict) -> ml_collections.ConfigDict:
   """`config` with what weights of format `fmt` need; the class count comes from the weights'
   classifier where the format names it (1001 TF-slim classes: label_offset 1)."""
-  settings = dict(converters.FORMAT_SETTINGS[fmt])
+  settings = dict(weight_formats.FORMAT_SETTINGS[fmt])
   if config.model.name != 'shufflenet':
     settings.pop('model.shortcut_first', None)
-  head = converters.LAYER_NAMES[fmt, config.model.name][1]
-  bias = source.get(head + converters.FORMATS[fmt].sep + converters.FORMATS[fmt].dense['bias'])
+  head = weight_formats.LAYER_NAMES[fmt, config.model.name][1]
+  bias = source.get(head + weight_formats.FORMATS[fmt].sep + weight_formats.FORMATS[fmt].dense['bias'])
   if bias is not None and fmt != 'keras':
     settings['num_classes'] = int(bias.shape[0])
     settings['label_offset'] = 1 if fmt == 'tf_slim' and bias.shape[0] == 1001 else 0
@@ -56,8 +57,8 @@ def check_main_network(config: ml_collections.ConfigDict) -> None:
   changed = default.changed_ablations(config.model)
   if changed:
     field, value = next(iter(changed.items()))
-    raise ValueError(f'model.{field}={value!r} builds an ablation variant, and converters take '
-                     f'only the papers\' main networks: leave model.{field} at '
+    raise ValueError(f'model.{field}={value!r} builds an ablation variant, and the weight '
+                     f'formats hold only the papers\' main networks: leave model.{field} at '
                      f'{default.ABLATIONS[config.model.name][field]!r}.')
 
 
@@ -88,7 +89,7 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, variables: di
 def import_weights(fmt: str, source_path: str, config: ml_collections.ConfigDict,
                    workdir: str) -> ml_collections.ConfigDict:
   """Converts the weights file `source_path` into a new workdir; returns its config."""
-  converters.supported(fmt, config.model.name)
+  weight_formats.supported(fmt, config.model.name)
   check_main_network(config)
   if not workdirs.is_local(workdir):
     raise ValueError(f'--workdir={workdir}: convert into a local directory (it is built next to '
@@ -98,9 +99,9 @@ def import_weights(fmt: str, source_path: str, config: ml_collections.ConfigDict
     raise ValueError(f'{workdir} exists and is not empty; give a new --workdir.')
   if not os.path.exists(source_path) and not os.path.exists(source_path + '.index'):
     raise ValueError(f'--source={source_path} does not exist.')
-  source = converters.read(fmt, source_path, config)
+  source = weight_formats.read(fmt, source_path, config)
   config = converted_config(fmt, config, source)
-  variables = converters.import_variables(fmt, config.model.name, source,
+  variables = weight_formats.import_variables(fmt, config.model.name, source,
                                           variable_shapes(config))
   if os.path.isdir(workdir):
     os.rmdir(workdir)
@@ -109,21 +110,21 @@ def import_weights(fmt: str, source_path: str, config: ml_collections.ConfigDict
   return config
 
 
-def export_keras(workdir: str, target: str, ema: bool = False) -> None:
+def write_keras(workdir: str, target: str, ema: bool = False) -> None:
   """Writes the latest checkpoint of `workdir` as Keras applications weights (`.weights.h5`).
 
   Keras' BatchNorm epsilon is 1e-3; a model trained with another epsilon gets its variances
   shifted by the difference, so the Keras network computes the same function."""
   if not target.endswith('.weights.h5'):
-    raise ValueError(f'--export={target}: Keras weight files end in .weights.h5.')
+    raise ValueError(f'--to_keras={target}: Keras weight files end in .weights.h5.')
   config, variables = workdirs.load_for_inference(workdir, ema)
-  converters.supported('keras', config.model.name)
+  weight_formats.supported('keras', config.model.name)
   check_main_network(config)
-  variables = converters.fold_bn_epsilon(variables, config.model.bn_epsilon, 1e-3)
-  model = converters.keras_application(config)
-  shapes = {name: value.shape for name, value in converters.keras_weights(model).items()}
-  values = converters.export_variables('keras', config.model.name, variables, shapes)
-  converters.set_keras_weights(model, values)
+  variables = weight_formats.fold_bn_epsilon(variables, config.model.bn_epsilon, 1e-3)
+  model = weight_formats.keras_application(config)
+  shapes = {name: value.shape for name, value in weight_formats.keras_weights(model).items()}
+  values = weight_formats.published_variables('keras', config.model.name, variables, shapes)
+  weight_formats.set_keras_weights(model, values)
   model.save_weights(target)
 
 
@@ -131,12 +132,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
-    if FLAGS.export:
-      export_keras(FLAGS.workdir, FLAGS.export, FLAGS.ema)
-      print(f'Wrote {FLAGS.export}.')
+    if FLAGS.to_keras:
+      write_keras(FLAGS.workdir, FLAGS.to_keras, FLAGS.ema)
+      print(f'Wrote {FLAGS.to_keras}.')
       return
     if not (FLAGS.format and FLAGS.source and FLAGS.config):
-      raise ValueError('An import needs --format, --source and --config (or give --export).')
+      raise ValueError('An import needs --format, --source and --config (or give --to_keras).')
     config = import_weights(FLAGS.format, FLAGS.source, FLAGS.config, FLAGS.workdir)
   except ValueError as e:
     raise SystemExit(f'error: {e}') from None
@@ -145,12 +146,12 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_enum('format', None, list(converters.FORMATS), 'Format of --source.')
+  flags.DEFINE_enum('format', None, list(weight_formats.FORMATS), 'Format of --source.')
   flags.DEFINE_string('source', None, 'Weights file (TF checkpoint prefix, .h5 or .pth).')
   config_flags.DEFINE_config_file('config', None, 'Config of the network the weights are for.')
-  flags.DEFINE_string('workdir', None, 'New workdir to write (import) or workdir to read (export).')
-  flags.DEFINE_string('export', None, 'Write the latest checkpoint of --workdir to this Keras '
+  flags.DEFINE_string('workdir', None, 'New workdir to write (import) or workdir to read (--to_keras).')
+  flags.DEFINE_string('to_keras', None, 'Write the latest checkpoint of --workdir to this Keras '
                       '.weights.h5 file instead of importing.')
   flags.DEFINE_bool('ema', False, 'Export the moving averages of the weights.')
   flags.mark_flags_as_required(['workdir'])
-  app.run(main, flags_parser=default.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -4,7 +4,7 @@ r"""LiteRT (TFLite) export of a checkpoint, evaluation of an exported file and i
     python export.py --workdir=runs/quickstart --output=runs/quickstart/model_int8.tflite \
         --quantize=int8 [--calibration_steps=10] [--calibration_data=fashion_mnist] [--int8_io]
     python export.py --evaluate=runs/quickstart/model_int8.tflite [--config=configs/quickstart.py]
-    python export.py --benchmark=runs/quickstart/model.tflite [--threads=1] [--runs=200]
+    python export.py --latency=runs/quickstart/model.tflite [--threads=1] [--runs=200]
 
 The file holds the network for one image of the run's `image_size`, normalized as the run's
 config says; FILE.json beside it records that normalization, the class offset and count, the data
@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from ml_collections import config_flags
 
-from configs import default
+import cli
 import input_pipeline
 import models
 import workdirs
@@ -215,7 +215,7 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def benchmark(path: str, threads: int = 1, runs: int = 100, warmup: int = 10) -> dict:
+def measure_latency(path: str, threads: int = 1, runs: int = 100, warmup: int = 10) -> dict:
   """Latency of single-image invocations: `warmup` runs, then the median and spread of `runs`."""
   if runs < 1 or threads < 1:
     raise ValueError(f'--runs and --threads must be >= 1, got {runs} and {threads}.')
@@ -244,7 +244,8 @@ def export_and_measure(workdir: str, directory: str, runs: int = 200) -> dict:
   int8_path = os.path.join(directory, 'model_int8.tflite')
   export(workdir, float_path)
   export(workdir, int8_path, quantize='int8')
-  float_time, int8_time = benchmark(float_path, runs=runs), benchmark(int8_path, runs=runs)
+  float_time = measure_latency(float_path, runs=runs)
+  int8_time = measure_latency(int8_path, runs=runs)
   result = {
       'latency_ms': float_time['median_ms'], 'int8_latency_ms': int8_time['median_ms'],
       'latency_quartiles_ms': [float_time['p25_ms'], float_time['p75_ms']],
@@ -261,9 +262,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  modes = [m for m in ('output', 'evaluate', 'benchmark') if f[m].value]
+  modes = [m for m in ('output', 'evaluate', 'latency') if f[m].value]
   if len(modes) != 1:
-    raise app.UsageError('Give one of --output (with --workdir), --evaluate or --benchmark.')
+    raise app.UsageError('Give one of --output (with --workdir), --evaluate or --latency.')
   try:
     if f.output:
       if not f.workdir:
@@ -278,7 +279,7 @@ def main(argv):
     elif f.evaluate:
       print(json.dumps(evaluate(f.evaluate, f.config)))
     else:
-      result = benchmark(f.benchmark, f.threads, f.runs)
+      result = measure_latency(f.latency, f.threads, f.runs)
       print(f'{result["file"]}: median {result["median_ms"]:.3f} ms (quartiles '
             f'{result["p25_ms"]:.3f}-{result["p75_ms"]:.3f}, min {result["min_ms"]:.3f}, max '
             f'{result["max_ms"]:.3f}) over {result["runs"]} single-image runs, '
@@ -289,7 +290,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('workdir', None, 'Workdir of train.py or convert.py to export.')
+  flags.DEFINE_string('workdir', None, 'Workdir of main.py or convert.py to export.')
   flags.DEFINE_string('output', None, 'The .tflite file to write (FILE.json goes beside it).')
   flags.DEFINE_string('quantize', 'none', 'none (float32) or int8 (full-integer).')
   flags.DEFINE_bool('ema', False, 'Export the moving averages of the weights.')
@@ -301,7 +302,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('evaluate', None, 'Evaluate this .tflite file on the eval split.')
   config_flags.DEFINE_config_file('config', None, '--evaluate: the data set config (default: the '
                                   'exporting run\'s).', lock_config=False)
-  flags.DEFINE_string('benchmark', None, 'Time single-image invocations of this .tflite file.')
-  flags.DEFINE_integer('threads', 1, '--benchmark: interpreter threads (the papers: one core).')
-  flags.DEFINE_integer('runs', 100, '--benchmark: timed invocations after the warm-up.')
-  app.run(main, flags_parser=default.parse_flags)
+  flags.DEFINE_string('latency', None, 'Time single-image invocations of this .tflite file.')
+  flags.DEFINE_integer('threads', 1, '--latency: interpreter threads (the papers: one core).')
+  flags.DEFINE_integer('runs', 100, '--latency: timed invocations after the warm-up.')
+  app.run(main, flags_parser=cli.parse_flags)

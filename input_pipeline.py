@@ -22,13 +22,15 @@ split once, padded to full batches with a `mask` that is 0 on padding, the same 
 on every process. Training batches carry uint8 pixels, which the train step normalizes on the
 devices; evaluation batches carry normalized float32 images.
 
-    python input_pipeline.py --config=configs/quickstart.py --bench   # host images/s
+    python input_pipeline.py --config=configs/quickstart.py --throughput   # host images/s
 """
 
+import contextlib
 import dataclasses
 import functools
 import gzip
 import hashlib
+import io
 import math
 import os
 import re
@@ -37,12 +39,13 @@ from typing import Iterator, Optional
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from configs import default
+import cli
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 # The first bytes of the files tf.io.decode_image reads: JPEG, PNG, GIF and BMP.
@@ -83,10 +86,22 @@ class FashionMnistFromFiles(tfds.image_classification.FashionMNIST, skip_registr
       yield index, {'image': image[..., None], 'label': int(label)}
 
 
+def prepare_quietly(builder: tfds.core.DatasetBuilder, **kwargs) -> None:
+  """`builder.download_and_prepare(**kwargs)` with one line of ours instead of TFDS's nested
+  progress bars and notes."""
+  logging.info('Preparing %s in %s (once; later runs read it from there)...', builder.name,
+               builder.data_dir)
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(**kwargs)
+  finally:
+    tfds.display_progress_bar(True)
+
+
 def prepare_fashion_mnist(files_dir: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
-  builder = FashionMnistFromFiles(files_dir=files_dir, data_dir=data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  prepare_quietly(FashionMnistFromFiles(files_dir=files_dir, data_dir=data_dir),
+                  download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return tfds.builder('fashion_mnist', data_dir=data_dir)
 
 
@@ -236,7 +251,7 @@ def _tfds(config) -> Data:
       builder = prepare_fashion_mnist(files, data_dir)
     elif config.download:
       try:
-        builder.download_and_prepare()
+        prepare_quietly(builder)
       except Exception as e:  # pylint: disable=broad-except  # network, disk, TFDS errors
         raise ValueError(f'TFDS could not download and prepare {config.dataset!r} in '
                          f'{builder.data_dir} ({type(e).__name__}: {e}).') from e
@@ -284,6 +299,21 @@ def load(config) -> Data:
   if config.dataset.startswith('folder:'):
     return _folder(config, config.dataset[len('folder:'):])
   return _tfds(config)
+
+
+def check_config(config) -> None:
+  """ValueError for the first bad setting of the batches: sizes that do not divide over the
+  devices, an unknown augmentation or resize."""
+  devices = jax.device_count()
+  for field in ('batch_size', 'eval_batch_size'):
+    if config[field] <= 0 or config[field] % devices:
+      raise ValueError(f'{field}={config[field]} must be a positive multiple of the '
+                       f'{devices} devices.')
+  if config.augment not in AUGMENTATIONS:
+    raise ValueError(f'Unknown augment {config.augment!r}; valid: {", ".join(AUGMENTATIONS)}.')
+  if config.train_resize_method not in TRAIN_RESIZE_METHODS:
+    raise ValueError(f'Unknown train_resize_method {config.train_resize_method!r}; valid: '
+                     f'{", ".join(TRAIN_RESIZE_METHODS)}.')
 
 
 def check_train_size(data: Data, config) -> None:
@@ -520,7 +550,7 @@ def host_cores(config) -> int:
   return min(cores, config.data_threads) if config.data_threads else cores
 
 
-def benchmark(config, steps: int) -> float:
+def measure_throughput(config, steps: int) -> float:
   """Host images/s of the training pipeline over `steps` batches after a warm-up batch."""
   data = load(config)
   batches = train_batches(data, config, steps_per_epoch(data, config.batch_size),
@@ -535,10 +565,10 @@ def benchmark(config, steps: int) -> float:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS.bench:
-    raise app.UsageError('Nothing to do: pass --bench.')
+  if not flags.FLAGS.throughput:
+    raise app.UsageError('Nothing to do: pass --throughput.')
   config = flags.FLAGS.config
-  rate = benchmark(config, flags.FLAGS.steps)
+  rate = measure_throughput(config, flags.FLAGS.steps)
   cores = host_cores(config)
   print(f'{config.dataset}: {rate:.0f} training images/s on this host, {rate / cores:.0f} per '
         f'core ({cores} cores, {config.image_size} px, batch {config.batch_size})')
@@ -547,7 +577,7 @@ def main(argv):
 if __name__ == '__main__':
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-  flags.DEFINE_bool('bench', False, 'Measure the training pipeline in images/s.')
-  flags.DEFINE_integer('steps', 50, 'Batches to time with --bench.')
+  flags.DEFINE_bool('throughput', False, 'Measure the training pipeline in images/s.')
+  flags.DEFINE_integer('steps', 50, 'Batches to time with --throughput.')
   flags.mark_flag_as_required('config')
-  app.run(main, flags_parser=default.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -4,7 +4,7 @@ r"""Top-k classes of image files under the latest checkpoint of a workdir.
     python predict.py --workdir=runs/quickstart --json --top_k=3 shirt.png
     python predict.py --tflite=runs/quickstart/model_int8.tflite shirt.png
 
-The workdir is one that train.py or convert.py wrote; its config.json gives the network, the
+The workdir is one that main.py or convert.py wrote; its config.json gives the network, the
 input size, normalization and class offset, and the data set whose class names are printed
 (ImageNet: the WordNet synset and the name from configs/imagenet2012_names.txt, which lists the
 1000 classes in the order of TFDS's imagenet2012 labels). Images are resized and center-cropped
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from configs import default
+import cli
 import input_pipeline
 import models
 import workdirs
@@ -132,9 +132,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('workdir', None, 'Workdir of train.py or convert.py.')
+  flags.DEFINE_string('workdir', None, 'Workdir of main.py or convert.py.')
   flags.DEFINE_string('tflite', None, 'A LiteRT file of export.py, instead of --workdir.')
   flags.DEFINE_integer('top_k', 5, 'Classes to print per image.')
   flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
   flags.DEFINE_bool('ema', False, 'Use the moving averages of the weights.')
-  app.run(main, flags_parser=default.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -4,7 +4,9 @@ Importing TensorFlow writes, from C++ and before any logging can be configured, 
 nothing to a user of this project: the oneDNN banner (once for each of TensorFlow's two
 libraries), absl's note that logging is not initialized, and the note on CPU features it was not
 built for. `TF_CPP_MIN_LOG_LEVEL` does not reach them. `import_tensorflow` captures what the import
-writes to stderr and passes on every other line.
+writes to stderr and passes on every other line. It also sets `TF_CPP_MIN_LOG_LEVEL=1` where it is
+unset, which keeps TensorFlow's C++ INFO lines (tf.data's notes on buffer sizes) off the console
+later; its warnings and errors still show.
 """
 
 import os
@@ -29,6 +31,7 @@ def import_tensorflow() -> None:
   """Imports TensorFlow with stderr captured, then writes what it wrote there less NOISE."""
   if 'tensorflow' in sys.modules:
     return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as captured:

@@ -2,7 +2,7 @@ r"""Width/resolution sweeps: expand, run (resumably), collect and plot accuracy 
 
 A sweep file in configs/sweeps/ lists groups of points; each group names a base config (a file
 with an optional argument string) and axes of config fields to vary, combined as a product or
-zipped. Every point trains with its own `train.py` run in `DIR/<run name>/`.
+zipped. Every point trains with its own `main.py` run in `DIR/<run name>/`.
 
   python sweep.py --config=configs/sweeps/quickstart.py --workdir=runs/sweep
   python sweep.py --config=configs/sweeps/mobilenet_v1_paper.py --workdir=DIR --dry_run
@@ -10,7 +10,7 @@ zipped. Every point trains with its own `train.py` run in `DIR/<run name>/`.
   python sweep.py --collect=DIR
 
 A point with `results.json` is finished and skipped; an interrupted one resumes from its
-checkpoint (train.py does that); a failed one is reported and the sweep goes on. Every sweep ends
+checkpoint (main.py does that); a failed one is reported and the sweep goes on. Every sweep ends
 by writing DIR/results.csv, DIR/results.md and DIR/accuracy_vs_madds.{png,svg}. DIR may be a
 Cloud Storage folder (gs://), as every workdir may (workdirs.py).
 """
@@ -37,6 +37,7 @@ from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
+import cli
 import complexity
 from configs import default
 import hugepages
@@ -75,8 +76,8 @@ class Point:
     return config
 
   def command(self, workdir: str, python: str = 'python', distributed: bool = False) -> list[str]:
-    """The train.py command line of this point (run from the repository root)."""
-    args = [python, 'train.py', f'--config={self.base}']
+    """The main.py command line of this point (run from the repository root)."""
+    args = [python, 'main.py', f'--config={self.base}']
     args += [f'--config.{field}={value}' for field, value in self.overrides]
     args += [f'--workdir={os.path.join(workdir, self.name)}']
     return args + (['--distributed'] if distributed else [])
@@ -246,7 +247,12 @@ def read_plan(workdir: str) -> list[dict]:
   plan_path = workdirs.path_of(workdir) / 'sweep.json'
   if not plan_path.exists():
     raise ValueError(f'{workdir} has no sweep.json: it is not a sweep directory of sweep.py.')
-  return json.loads(plan_path.read_text())['points']
+  points = json.loads(plan_path.read_text())['points']
+  if any(set(IDENTITY) - set(p.get('identity', {})) for p in points):
+    raise ValueError(f'{plan_path} was written by an earlier version of sweep.py: run the sweep '
+                     'file again with --workdir set to it to rewrite the plan (finished points are '
+                     'kept).')
+  return points
 
 
 def collect(workdir: str) -> list[dict]:
@@ -257,10 +263,7 @@ def collect(workdir: str) -> list[dict]:
   for entry in plan:
     run_dir = os.path.join(workdir, entry['name'])
     row = dict.fromkeys(COLUMNS)
-    point = dict(entry['identity'])
-    if 'variant' not in point:  # a plan written before the ablation settings existed
-      point['variant'] = variant(Point(entry['name'], entry['base'],
-                                       tuple(map(tuple, entry['overrides']))).config())
+    point = entry['identity']
     row.update(run=entry['name'], status=status(run_dir),
                **{k: point[k] for k in IDENTITY if k != 'dataset'})
     row.update(entry.get('complexity', {}))
@@ -525,7 +528,7 @@ def main(argv):
 
 if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'Sweep file in configs/sweeps/.')
-  flags.DEFINE_string('workdir', None, 'Sweep directory: one train.py workdir per point.')
+  flags.DEFINE_string('workdir', None, 'Sweep directory: one main.py workdir per point.')
   flags.DEFINE_bool('dry_run', False, 'List the points, MAdds, params and commands; run nothing.')
   flags.DEFINE_bool('complexity_only', False,
                     'Fill results.csv/results.md with MAdds and params only; train nothing.')
@@ -540,4 +543,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('tpu_repo_dir', 'mobilenets',
                       '--launch=tpu: this repository on the TPU VM workers, relative to the '
                       'home directory or absolute (set up there with setup.sh).')
-  app.run(main, flags_parser=default.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,4 +1,4 @@
-"""A run's workdir: what train.py and convert.py write there, and how every tool reads it back.
+"""A run's workdir: what main.py and convert.py write there, and how every tool reads it back.
 
     config.json          the run's config (checked on every resume, rewritten when it may change)
     config_changes.jsonl the settings a resumed run changed, at the step it resumed from
@@ -7,7 +7,7 @@
     metrics.jsonl        one JSON line per logged step and split (process 0)
     results.json         the summary of a finished run; eval_results.json for eval_only runs
 
-train.py, convert.py, predict.py and sweep.py use these functions and no other path into a
+main.py, convert.py, predict.py and sweep.py use these functions and no other path into a
 workdir, so that a workdir written by one of them is read the same way by all the others.
 
 A workdir is a local directory or a Cloud Storage (gs://) folder: every access goes through
@@ -20,9 +20,6 @@ log is rewritten whole at every log step (small: one line per logged step).
 
 import json
 import os
-import re
-import sys
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -112,20 +109,20 @@ def config_as_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def read_config(workdir: str) -> dict:
-  """The config.json that train.py or convert.py wrote in `workdir`, as a dict."""
+  """The config.json that main.py or convert.py wrote in `workdir`, as a dict."""
   path = path_of(workdir) / 'config.json'
   if not path.is_file():
-    raise ValueError(f'{workdir} has no config.json: it is not a workdir of train.py or '
+    raise ValueError(f'{workdir} has no config.json: it is not a workdir of main.py or '
                      'convert.py.')
   saved = json.loads(path.read_text())
-  # Settings added since: a config.json written before the ablation settings existed ran with
-  # their defaults; one written before the train_resize settings resumes with today's resize.
-  defaults = default.get_config()
-  for field in default.ADDED_SETTINGS:
-    saved.setdefault(field, defaults[field])
   model = saved.get('model', {})
-  for field, value in default.ABLATIONS.get(model.get('name'), {}).items():
-    model.setdefault(field, value)
+  missing = sorted(set(default.get_config()) - set(saved)) + [
+      f'model.{field}' for field in default.ABLATIONS.get(model.get('name'), {})
+      if field not in model]
+  if missing:
+    raise ValueError(f'{path} was written by an earlier version of this project: it has no '
+                     f'{", ".join(missing)}. Train again in a new --workdir, or use the version '
+                     'that wrote it (git log) to resume or read it.')
   return saved
 
 
@@ -225,56 +222,19 @@ def checkpoint_manager(workdir: str, keep: int = 1) -> ocp.CheckpointManager:
                                            enable_async_checkpointing=False))
 
 
-# When one array of a checkpoint fails to write (a full disk), Orbax closes the save's event loop
-# and TensorStore then reports every other array's completion to it from its own threads, printing
-# an 'Event loop is closed' traceback each, interleaved down to pieces of words (hundreds for these
-# networks). Of a failed save's output only the log records (absl's 'E1124 06:00:01.000 ...'
-# lines) are kept.
-LOG_RECORD = re.compile(r'[IWEF]\d{4} ')
-# After one array failed, the other arrays' writes finish and report for a while: their reports
-# are awaited until none has come for FAILED_SAVE_QUIET_SECONDS (FAILED_SAVE_MAX_SECONDS at most).
-FAILED_SAVE_QUIET_SECONDS = 0.5
-FAILED_SAVE_MAX_SECONDS = 10.0
-
-
-def _wait_until_quiet(captured) -> None:
-  """Returns once the file `captured` has not grown for FAILED_SAVE_QUIET_SECONDS."""
-  deadline = time.time() + FAILED_SAVE_MAX_SECONDS
-  size = -1
-  while time.time() < deadline and os.fstat(captured.fileno()).st_size != size:
-    size = os.fstat(captured.fileno()).st_size
-    time.sleep(FAILED_SAVE_QUIET_SECONDS)
-
-
 def save_train_state(manager: ocp.CheckpointManager, step: int, state: TrainState) -> None:
   """Writes `state` as the checkpoint of `step`, called by every process together; `state` is on
-  the host, on one device, or made of global arrays (train.global_replicated). ValueError if the
-  write fails, which leaves the earlier checkpoints intact and TensorStore's reports of the
-  failure (all but LOG_RECORD lines) off the console."""
-  error = None
-  with tempfile.TemporaryFile('w+') as captured:
-    sys.stderr.flush()
-    console = os.dup(2)
-    os.dup2(captured.fileno(), 2)
-    try:
-      manager.save(step, args=ocp.args.StandardSave(state))
-    except Exception as e:  # pylint: disable=broad-except  # whatever the write raised
-      error = e
-      _wait_until_quiet(captured)
-    finally:
-      sys.stderr.flush()
-      os.dup2(console, 2)
-      os.close(console)
-    captured.seek(0)
-    output = captured.read()
-  if error is not None:
-    output = ''.join(line for line in output.splitlines(True) if LOG_RECORD.match(line))
-  sys.stderr.write(output)
-  if error is not None:
+  the host or replicated on this process's devices (train.replicated). ValueError if the write
+  fails, which leaves the earlier checkpoints intact."""
+  if jax.process_count() > 1:  # one global array of each process's replicas, which Orbax saves
+    state = jax.tree.map(ocp.utils.fully_replicated_host_local_array_to_global_array, state)
+  try:
+    manager.save(step, args=ocp.args.StandardSave(state))
+  except Exception as e:  # pylint: disable=broad-except  # whatever the write raised
     raise ValueError(
         f'Writing the checkpoint of step {step} in {manager.directory} failed '
-        f'({type(error).__name__}: {str(error).splitlines()[0][:200]}); the checkpoints before '
-        'it are intact. Free space and rerun the same command to resume.') from error
+        f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); the checkpoints before '
+        'it are intact. Free space and rerun the same command to resume.') from e
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: TrainState,
@@ -287,11 +247,8 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState,
     try:
       restored = manager.restore(step, args=ocp.args.StandardRestore(state))
     except Exception as e:  # pylint: disable=broad-except  # Orbax and TensorStore raise many kinds
-      try:
-        restored = _restore_with_replica_axis(manager, step, state)
-      except Exception:  # pylint: disable=broad-except
-        failures.append((step, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'))
-        continue
+      failures.append((step, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'))
+      continue
     if failures and jax.process_index() == 0:
       damaged = path_of(workdir) / 'damaged_checkpoints'
       damaged.mkdir(parents=True, exist_ok=True)
@@ -312,17 +269,6 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState,
       '--workdir; the checkpoints are left as they are.')
 
 
-def _restore_with_replica_axis(manager: ocp.CheckpointManager, step: int,
-                               state: TrainState) -> TrainState:
-  """The checkpoint at `step` restored into `state`, for checkpoints that train.py wrote on one
-  device with a leading axis of 1 on every array (train.global_replicated says why)."""
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      (1, *np.shape(x)), np.asarray(x).dtype if np.isscalar(x) else x.dtype,
-      sharding=getattr(x, 'sharding', None)), state)
-  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-  return jax.tree.map(lambda x: x.reshape(x.shape[1:]), restored)
-
-
 def restore_on_host(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
   """(the checkpoint of `step` (default: the latest) in `workdir` as a dict of NumPy arrays, its
   step), whatever devices and processes wrote it (Orbax restores onto the writers' devices by
@@ -337,10 +283,7 @@ def restore_on_host(workdir: str, step: Optional[int] = None) -> tuple[dict, int
   on_this_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_this_device),
                         manager.item_metadata(step))
-  restored = jax.device_get(manager.restore(step, args=ocp.args.StandardRestore(target)))
-  if np.shape(restored['step']) == (1,):  # written with a replica axis on one device
-    restored = jax.tree.map(lambda x: x.reshape(x.shape[1:]), restored)
-  return restored, step
+  return jax.device_get(manager.restore(step, args=ocp.args.StandardRestore(target))), step
 
 
 def restore_variables(workdir: str) -> tuple[dict, int]:

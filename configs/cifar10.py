@@ -1,6 +1,6 @@
 """CIFAR-10 through TFDS (32 px), for users with internet access; pick the network by argument.
 
-    python train.py --config=configs/cifar10.py:model=mobilenet_v2,alpha=1.0 --workdir=runs/c10
+    python main.py --config=configs/cifar10.py:model=mobilenet_v2,alpha=1.0 --workdir=runs/c10
 
 TFDS downloads and prepares `cifar10` on first use. The networks keep their ImageNet strides
 unless `small_input=true` removes the first two downsamplings (32 px -> 4x4 final features).

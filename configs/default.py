@@ -1,36 +1,12 @@
 """Defaults shared by every config, the parser for the short argument strings and the one way to
-read and write a dotted field ('model.alpha').
+read and write a dotted field ('model.alpha'). Configs are data: the command line is cli.py's.
 
 A config file's `get_config(arg)` receives what follows the colon in
 `--config=configs/mobilenet_v2.py:alpha=0.5,res=160`; `parse_arg` turns it into typed values.
 """
 
-import re
-
-from absl import flags
 import ml_collections
 from ml_collections.config_flags import config_path
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing for the command-line tools (`app.run(main, flags_parser=...)`) that
-  reports a bad flag in one line: a missing config file, a bad argument string, an unknown or
-  mistyped --config.field. Returns the arguments that are not flags."""
-  try:
-    rest = flags.FLAGS(argv)
-    if 'config' in flags.FLAGS and flags.FLAGS.config is not None:
-      flags.FLAGS.config.keys()  # a config file loads, and fails, when it is first used
-  except Exception as e:  # pylint: disable=broad-except  # absl and ml_collections raise many kinds
-    text = str(e).replace('\\n', '\n').replace("\\'", "'")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    unknown = re.search(r"'([\w.]+)'", text)
-    if isinstance(e, (AttributeError, KeyError)) and unknown:
-      message = f'{unknown.group(1)!r} is not a config field'
-      message += f' ({lines[-1].strip(chr(39))})' if len(lines) > 1 else ''
-    else:
-      message = lines[-1] if lines else type(e).__name__
-    raise SystemExit(f'error: bad flag: {message}') from None
-  return rest
 
 
 def get_field(config, field: str, default=None):
@@ -82,11 +58,6 @@ ABLATIONS = {
 }
 ABLATION_FIELDS = tuple(sorted({f'model.{field}' for fields in ABLATIONS.values()
                                 for field in fields}))
-
-# Top-level settings added after runs were made: a config.json without them reads with their
-# default (workdirs.read_config).
-ADDED_SETTINGS = ('train_resize_method', 'train_resize_antialias')
-
 
 def changed_ablations(model) -> dict:
   """{field: value} of the ablation settings in which `model` (config.model, or the 'model' of a
@@ -177,7 +148,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.crop_area_min = 0.08
   # The training crop's resize: 'bilinear' without antialiasing as TF-slim's
   # inception_preprocessing (fast_mode), which trained the papers' releases, and 2.5x faster than
-  # antialiased bicubic (README, "Input pipeline at accelerator rates"). Evaluation resizes
+  # antialiased bicubic (docs/data.md). Evaluation resizes
   # bicubic, antialiased.
   config.train_resize_method = 'bilinear'
   config.train_resize_antialias = False

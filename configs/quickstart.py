@@ -1,7 +1,7 @@
-"""The offline main job: MobileNet V1 (alpha 0.25, 48 px) on Fashion-MNIST, 5 epochs, about 3
+"""The offline main job: MobileNet V1 (alpha 0.25, 48 px) on Fashion-MNIST, 5 epochs, 3 to 5
 minutes on a 2-core CPU.
 
-    python train.py --config=configs/quickstart.py --workdir=runs/quickstart
+    python main.py --config=configs/quickstart.py --workdir=runs/quickstart
 
 Fashion-MNIST is read from Debian's `dataset-fashion-mnist` files when they are installed
 (setup.sh installs them), otherwise TFDS downloads it. The 28x28 grayscale images are resized once

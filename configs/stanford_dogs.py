@@ -2,7 +2,7 @@
 
     python convert.py --format=tf_slim --source=mobilenet_v1_1.0_224.ckpt \
         --config=configs/mobilenet_v1.py --workdir=runs/slim_v1_1.0_224
-    python train.py --config=configs/stanford_dogs.py:alpha=1.0,res=224 \
+    python main.py --config=configs/stanford_dogs.py:alpha=1.0,res=224 \
         --config.init_from=runs/slim_v1_1.0_224 --workdir=runs/dogs_v1_1.0_224
 
 Stanford Dogs (TFDS `stanford_dogs`: 12,000 training and 8,580 test images of 120 breeds) is

@@ -1,13 +1,12 @@
-"""Shared test set-up: eight simulated CPU devices (set before jax is imported), a persistent
-compilation cache shared by the test processes, quiet TensorFlow, the project root, the tiny
-synthetic training config and a fixture that builds a train state and its pmapped step.
+"""Test set-up: eight simulated CPU devices (set before jax is imported), a persistent
+compilation cache shared by the test processes, quiet TensorFlow, and the fixtures that build a
+train state and its pmapped step and train the tiny config once. The helpers the tests share are
+in tests/helpers.py.
 
-`pytest -m "not slow"` leaves out the tests that start train.py or sweep.py processes."""
+`pytest -m "not slow"` leaves out the tests that start main.py, sweep.py or another tool as a
+process."""
 
-import functools
-import json
 import os
-import sys
 import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -19,50 +18,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# MobileNet V1 0.25 at 32 px on 64 synthetic examples of 4 classes: 12 steps of batch 16, with
-# every feature of the loop on (EMA, label smoothing, augmentation, eval and checkpoints).
-TINY_BASE = 'configs/mobilenet_v1.py:alpha=0.25,res=32'
-TINY = {
-    'dataset': 'synthetic', 'num_classes': 4, 'synthetic_train_examples': 64,
-    'synthetic_eval_examples': 20, 'batch_size': 16, 'eval_batch_size': 16,
-    'model.dropout_rate': 0.0, 'model.bn_momentum': 0.9, 'num_train_steps': 12,
-    'log_every_steps': 2, 'eval_every_steps': 6, 'checkpoint_every_steps': 3,
-    'optimizer': 'sgd', 'learning_rate': 0.1, 'lr_reference_batch_size': 0, 'schedule': 'cosine',
-    'ema_decay': 0.5, 'label_smoothing': 0.1, 'augment': 'pad_crop', 'crop_padding': 2,
-}
-
-TINY_CONFIG_FILE = '''"""The tests' tiny training config (tests/conftest.py: TINY) as a config file."""
-from configs import default, mobilenet_v1
-
-
-def get_config(arg=None):
-  del arg
-  config = mobilenet_v1.get_config({arg!r})
-  for field, value in {settings!r}.items():
-    default.set_field(config, field, value)
-  return config
-'''
-
-
-def tiny_config(**overrides):
-  """The tiny config (TINY) with `overrides` ({'model.alpha': 0.5, ...} as keyword arguments)."""
-  from configs import mobilenet_v1  # pylint: disable=g-import-not-at-top
-  config = mobilenet_v1.get_config(TINY_BASE.partition(':')[2])
-  for field, value in {**TINY, **overrides}.items():
-    default.set_field(config, field, value)
-  return config
-
-
-def write_tiny_config_file(path, **overrides) -> str:
-  """Writes the tiny config with `overrides` as a config file at `path`; returns the path."""
-  with open(path, 'w') as f:
-    f.write(TINY_CONFIG_FILE.format(arg=TINY_BASE.partition(':')[2],
-                                    settings={**TINY, **overrides}))
-  return str(path)
+from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture
@@ -81,51 +37,6 @@ def train_state_and_step():
                                      optimizers.create_optimizer(config, schedule))
     return jax.device_get(state), train.pmap_train_step(config, schedule, devices)
   return build
-
-
-def random_variables(model, res, seed=0, random_batchnorm=False):
-  """Variables of `model` with He-normal kernels drawn with NumPy, and fresh BatchNorm state
-  (scale and variance 1, bias and mean 0) or, with `random_batchnorm`, random BatchNorm
-  parameters and statistics (to test that they fold correctly).
-
-  `model.init` compiles one random-number kernel per parameter, which takes 10-20 s per variant on
-  a 2-core CPU; the forward pass under test is the same whichever way the values were drawn.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32))
-  rng = np.random.default_rng(seed)
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      fan_out = np.prod(leaf.shape) // leaf.shape[-2]
-      return rng.normal(0, np.sqrt(2 / fan_out), leaf.shape).astype(np.float32)
-    if random_batchnorm:
-      if name in ('scale', 'var'):
-        return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-      return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
-    return np.full(leaf.shape, 1.0 if name in ('scale', 'var') else 0.0, np.float32)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def train_command(workdir, **overrides) -> list[str]:
-  """The train.py command line of the tiny config with `overrides`, run from ROOT."""
-  args = [sys.executable, 'train.py', f'--config={TINY_BASE}', f'--workdir={workdir}']
-  return args + [f'--config.{k}={v}' for k, v in {**TINY, **overrides}.items()]
-
-
-def read_jsonl(path) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f]
-
-
-def latest_state(workdir) -> tuple[int, dict]:
-  """(step, the checkpoint's TrainState as a dict) of the latest checkpoint in `workdir`."""
-  import workdirs  # pylint: disable=g-import-not-at-top
-  state, step = workdirs.restore_on_host(workdir)
-  return step, state
 
 
 @pytest.fixture(scope='session')

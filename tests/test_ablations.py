@@ -9,16 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import complexity
 from configs import default, mobilenet_v1, mobilenet_v2, shufflenet
 import models
 from models import layers
 from models import mobilenet_v2 as mobilenet_v2_lib
 from models import shufflenet as shufflenet_lib
-
-
-def _count(config):
-  return complexity.analyze(models.get_model(config), config.image_size)
+from tests.helpers import count, tiny_config
 
 
 def _param_shapes(config):
@@ -43,7 +39,7 @@ def test_conv_mobilenet_table4():
   # Every separable block is one full 3x3 convolution with the block's output width.
   assert shapes['block1_conv/conv/kernel'] == (3, 3, 32, 64)
   assert shapes['block13_conv/conv/kernel'] == (3, 3, 1024, 1024)
-  result = _count(config)
+  result = count(config)
   # Table 4: 29.3 M parameters. Its 4866 M Mult-Adds are this count without the classifier's
   # 1.024 M (4866.27 M); with it, as the paper counts the 569 M of MobileNet, 4867.29 M.
   assert _round(result.params, 1) == 29.3 and _round(result.params_weights, 1) == 29.3
@@ -57,7 +53,7 @@ def test_shallow_mobilenet_table5():
   names = {k.split('/')[0] for k in _param_shapes(config)}
   assert not any(f'block{i}_' in ' '.join(names) for i in range(7, 12))
   assert {'block6_pointwise', 'block12_depthwise'} <= names
-  result = _count(config)
+  result = count(config)
   assert _round(result.macs) == 307  # Table 5: 307 M, 2.9 M against 0.75 MobileNet's 325 M, 2.6 M
   assert _round(result.params_weights, 1) == 2.9 and _round(result.params, 1) == 2.9
 
@@ -68,9 +64,9 @@ def test_stanford_dogs_table10(alpha, res, macs, params):
   """Table 10 gives the parameters of the 120-class networks (3.3 M = 4.2 M - 1000 x 1024 +
   120 x 1024) but the Mult-Adds of the 1000-class ones (569 M, not the 567.8 M of 120 classes)."""
   config = mobilenet_v1.get_config(f'alpha={alpha},res={res}')
-  assert _round(_count(config).macs) == macs
+  assert _round(count(config).macs) == macs
   config.num_classes = 120
-  assert _round(_count(config).params_weights, 1) == params
+  assert _round(count(config).params_weights, 1) == params
 
 
 # --- MobileNet V2 ---------------------------------------------------------------------------
@@ -151,7 +147,7 @@ def test_mobilenet_v2_ablations_keep_table4_complexity():
                        ('shortcut', 'none')):
     config = mobilenet_v2.get_config()
     config.model[field] = value
-    result = _count(config)
+    result = count(config)
     assert (result.macs, result.params) == (300_774_272, 3_504_872)
 
 
@@ -178,9 +174,9 @@ def test_without_the_shuffle_groups_stay_apart(shuffle):
 def test_no_shuffle_keeps_table3_complexity():
   for groups, scale in ((3, 1.0), (8, 0.5), (8, 0.25)):
     config = shufflenet.get_config(f'groups={groups},scale={scale}')
-    expected = _count(config)
+    expected = count(config)
     config.model.channel_shuffle = False
-    assert (_count(config).macs, _count(config).params) == (expected.macs, expected.params)
+    assert (count(config).macs, count(config).params) == (expected.macs, expected.params)
 
 
 def test_shallow_shufflenet_table5():
@@ -191,14 +187,14 @@ def test_shallow_shufflenet_table5():
   assert units == {f'stage{s}_unit{u}' for s, n in ((2, 2), (3, 4), (4, 2))
                    for u in range(1, n + 1)}
   assert 1 + 3 * len(units) + 1 == 26
-  assert _round(_count(config).macs) == 40
+  assert _round(count(config).macs) == 40
   config.model.alpha = 0.5  # the 50-layer network's width gives half the published complexity
-  assert _round(_count(config).macs, 1) == 21.6
+  assert _round(count(config).macs, 1) == 21.6
 
 
 def test_shufflenet_with_se_table5():
   config = shufflenet.get_config('groups=3,scale=2.0')
-  plain = _count(config)
+  plain = count(config)
   config.model.se_reduction = 16
   shapes = _param_shapes(config)
   # Reduction 16 over the unit's output width, in every unit (stride 2 included).
@@ -206,7 +202,7 @@ def test_shufflenet_with_se_table5():
   assert shapes['stage3_unit8/se/restore/kernel'] == (60, 960)
   assert shapes['stage4_unit4/se/reduce/kernel'] == (1920, 120)
   assert sum(k.endswith('se/reduce/kernel') for k in shapes) == 16
-  result = _count(config)
+  result = count(config)
   assert _round(plain.macs) == 524 and _round(result.macs) == 527  # Table 5
   assert [l.kind for l in result.layers].count('dense') == 2 * 16 + 1
 
@@ -261,7 +257,6 @@ def test_stanford_dogs_fine_tunes_an_imagenet_checkpoint_on_mock_data(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   import train  # pylint: disable=g-import-not-at-top
   from configs import stanford_dogs  # pylint: disable=g-import-not-at-top
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   import workdirs  # pylint: disable=g-import-not-at-top
 
   source = str(tmp_path / 'imagenet')

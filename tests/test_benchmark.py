@@ -1,21 +1,17 @@
 """benchmark.py and tools/compare_pytorch.py on the command line, as users run them."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from tests.helpers import run_tool
 
 
 @pytest.mark.slow
 def test_benchmark_command_times_train_and_eval_steps():
-  out = subprocess.run(
-      [sys.executable, 'benchmark.py', '--config=configs/mobilenet_v1.py:alpha=0.25,res=32',
-       '--config.batch_size=8', '--config.eval_batch_size=8', '--config.num_classes=4',
-       '--steps=2', '--warmup=1', '--json'],
-      cwd=ROOT, capture_output=True, text=True, check=True)
+  out = run_tool('benchmark.py', '--config=configs/mobilenet_v1.py:alpha=0.25,res=32',
+                 '--config.batch_size=8', '--config.eval_batch_size=8', '--config.num_classes=4',
+                 '--steps=2', '--warmup=1', '--json', check=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['device_count'] == 8 and result['batch_size'] == 8
   assert result['train_images_per_sec'] > 0 and result['eval_images_per_sec'] > 0
@@ -23,10 +19,8 @@ def test_benchmark_command_times_train_and_eval_steps():
 
 @pytest.mark.slow
 def test_compare_pytorch_times_both_sides_and_the_parts():
-  out = subprocess.run(
-      [sys.executable, 'tools/compare_pytorch.py', '--rows=v2_0.5_32', '--steps=2', '--warmup=1',
-       '--json', '--parts'],
-      cwd=ROOT, capture_output=True, text=True, check=True)
+  out = run_tool('tools/compare_pytorch.py', '--rows=v2_0.5_32', '--steps=2', '--warmup=1',
+                 '--json', '--parts', check=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['row'] == 'MobileNet V2 0.5, 32 px' and result['batch_size'] == 128
   ours, theirs = result['ours_images_per_sec'], result['pytorch_images_per_sec']
@@ -48,6 +42,6 @@ def test_compare_pytorch_times_both_sides_and_the_parts():
 ])
 def test_bad_arguments_are_one_error(tmp_path, command, message):
   command = [part.replace('UNUSED', str(tmp_path / 'data')) for part in command]
-  out = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True)
+  out = run_tool(*command)
   assert out.returncode != 0 and message in out.stderr
   assert not (tmp_path / 'data').exists()

@@ -11,8 +11,6 @@ here set tensorboard=False); credentials and a real bucket's latency."""
 
 import json
 import os
-import subprocess
-import sys
 import threading
 
 # gcsfs's experimental zonal-bucket probe asks a gRPC API the emulator does not serve, and waits
@@ -25,7 +23,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import ROOT, read_jsonl, train_command, write_tiny_config_file
+from tests.helpers import (
+    ROOT, read_jsonl, run_tool, train_args, train_command, write_tiny_config_file)
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +47,7 @@ def bucket():
 
 
 def run(args, env, check=True):
-  result = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+  result = run_tool(*args, env=env, timeout=600)
   assert not check or result.returncode == 0, result.stderr[-3000:]
   return result
 
@@ -110,8 +108,7 @@ def get_config():
 
 def test_an_unreachable_bucket_is_one_error_before_training():
   """No network here: TensorFlow's GCS client (epath's default) cannot resolve the host."""
-  result = subprocess.run(train_command(f'gs://{BUCKET}/run'), cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, check=False)
+  result = run_tool(*train_args(f'gs://{BUCKET}/run'), timeout=300)
   assert result.returncode == 1, result.stderr[-3000:]
   assert f'error: Cannot write to --workdir=gs://{BUCKET}/run (' in result.stderr
   assert 'check the bucket name, the network and the credentials' in result.stderr

@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -14,11 +12,7 @@ import pytest
 import complexity
 import models
 from configs import mobilenet_v1, mobilenet_v2, shufflenet
-from conftest import ROOT
-
-
-def _count(config):
-  return complexity.analyze(models.get_model(config), config.image_size)
+from tests.helpers import count, run_tool
 
 
 def _millions(n):
@@ -45,14 +39,14 @@ V1_TABLES = [
 
 @pytest.mark.parametrize('alpha,res,macs,params', V1_TABLES)
 def test_mobilenet_v1_tables(alpha, res, macs, params):
-  result = _count(mobilenet_v1.get_config(f'alpha={alpha},res={res}'))
+  result = count(mobilenet_v1.get_config(f'alpha={alpha},res={res}'))
   assert _printed(result.macs, macs)
   # The papers count convolution and dense kernels (1.32 M for 0.50 MobileNet-160).
   assert _printed(result.params_weights, params)
 
 
 def test_mobilenet_v1_exact_counts_and_table2_shares():
-  result = _count(mobilenet_v1.get_config())
+  result = count(mobilenet_v1.get_config())
   assert result.params == 4_231_976  # timm mobilenetv1_100, all trainable parameters
   assert result.macs == 568_740_352
   shares = complexity.shares_by_kind(result)
@@ -66,20 +60,20 @@ def test_mobilenet_v1_exact_counts_and_table2_shares():
 
 
 def test_mobilenet_v2_table4_and_exact_counts():
-  result = _count(mobilenet_v2.get_config())
+  result = count(mobilenet_v2.get_config())
   assert result.params == 3_504_872  # torchvision and timm mobilenetv2_100
   # Table 4: 300 M MAdds and 3.4 M parameters, truncated from 300.8 M and 3.47 M kernels.
   assert result.macs == 300_774_272
   assert _printed(result.macs, 300) and _printed(result.params_weights, 3.4)
   # alpha 1.4 matches the TF reference checkpoint table (582 M, 6.06 M), not the paper (585 M, 6.9 M).
-  result = _count(mobilenet_v2.get_config('alpha=1.4'))
+  result = count(mobilenet_v2.get_config('alpha=1.4'))
   assert _millions(result.macs) == 582
   assert round(result.params_weights / 1e6, 2) == 6.06
 
 
 @pytest.mark.parametrize('groups,macs', [(1, 143), (2, 140), (3, 137), (4, 133), (8, 137)])
 def test_shufflenet_table1_excluding_fc(groups, macs):
-  result = _count(shufflenet.get_config(f'groups={groups}'))
+  result = count(shufflenet.get_config(f'groups={groups}'))
   fc = sum(l.macs for l in result.layers if l.kind == 'dense')
   assert fc == result.layers[-1].weights  # one MAdd per classifier weight
   assert _millions(result.macs - fc) == macs
@@ -88,7 +82,7 @@ def test_shufflenet_table1_excluding_fc(groups, macs):
 @pytest.mark.parametrize('scale,macs', [(2.0, 524), (1.5, 292)])
 def test_shufflenet_table5(scale, macs):
   # Table 5 counts the classifier too: 2x (g = 3) 524.05 M, 1.5x (g = 3) 292.44 M.
-  assert _millions(_count(shufflenet.get_config(f'groups=3,scale={scale}')).macs) == macs
+  assert _millions(count(shufflenet.get_config(f'groups=3,scale={scale}')).macs) == macs
 
 
 def test_totals_are_the_sum_of_the_rows_and_of_the_variables():
@@ -147,21 +141,19 @@ def test_counter_agrees_with_brute_force_on_a_tiny_model():
 
 @pytest.mark.slow
 def test_command_line_json_and_table():
-  command = [sys.executable, 'complexity.py', '--config=configs/mobilenet_v2.py',
-             '--config.model.alpha=0.5', '--config.image_size=160']
-  out = subprocess.run(command + ['--json'], cwd=ROOT, capture_output=True, text=True, check=True)
+  command = ['complexity.py', '--config=configs/mobilenet_v2.py', '--config.model.alpha=0.5',
+             '--config.image_size=160']
+  out = run_tool(*command, '--json', check=True)
   summary = json.loads(out.stdout)
-  expected = _count(mobilenet_v2.get_config('alpha=0.5,res=160'))
+  expected = count(mobilenet_v2.get_config('alpha=0.5,res=160'))
   assert summary['macs'] == expected.macs and summary['params'] == expected.params
   assert summary['params_weights'] == expected.params_weights
   assert (summary['model'], summary['alpha'], summary['image_size'], summary['num_classes']) == (
       'mobilenet_v2', 0.5, 160, 1000)
   assert summary['ablations'] == {}
-  variant = subprocess.run(command + ['--json', '--config.model.shortcut=none'], cwd=ROOT,
-                           capture_output=True, text=True, check=True)
+  variant = run_tool(*command, '--json', '--config.model.shortcut=none', check=True)
   assert json.loads(variant.stdout)['ablations'] == {'shortcut': 'none'}
-  table = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  table = run_tool(*command, check=True).stdout
   assert 'block1/depthwise/conv' in table and 'depthwise' in table and 'MAdds:' in table
-  bad = subprocess.run([sys.executable, 'complexity.py', '--config=configs/shufflenet.py:groups=5'],
-                       cwd=ROOT, capture_output=True, text=True)
+  bad = run_tool('complexity.py', '--config=configs/shufflenet.py:groups=5')
   assert bad.returncode != 0 and 'model.groups must be one of' in bad.stderr

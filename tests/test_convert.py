@@ -11,8 +11,6 @@ import functools
 import json
 import os
 import re
-import subprocess
-import sys
 
 import flax
 import jax
@@ -26,14 +24,14 @@ from pytorchcv.models import shufflenet as pytorchcv_shufflenet
 from pytorchcv.models.common import tutti as pytorchcv_tutti
 
 import convert
-import converters
+import weight_formats
 import input_pipeline
 import models
 import predict
 import train
 import workdirs
 from configs import mobilenet_v1, mobilenet_v2, shufflenet
-from conftest import ROOT, tiny_config
+from tests.helpers import run_tool, tiny_config
 
 
 CONFIGS = {'mobilenet_v1': mobilenet_v1, 'mobilenet_v2': mobilenet_v2}
@@ -62,7 +60,7 @@ def randomize_keras(model, seed=0):
 
 def slim_name(model_name, keras_name):
   """The TF-slim variable name of a Keras MobileNet weight, written out independently of
-  converters.py: 'conv_dw_3/kernel' -> 'MobilenetV1/Conv2d_3_depthwise/depthwise_weights'."""
+  weight_formats.py: 'conv_dw_3/kernel' -> 'MobilenetV1/Conv2d_3_depthwise/depthwise_weights'."""
   layer, weight = keras_name.split('/')
   if model_name == 'mobilenet_v1':
     scope = 'MobilenetV1'
@@ -84,7 +82,7 @@ def slim_name(model_name, keras_name):
 
 def write_slim_checkpoint(keras_model, model_name, prefix):
   names, tensors = [], []
-  for name, value in converters.keras_weights(keras_model).items():
+  for name, value in weight_formats.keras_weights(keras_model).items():
     name = slim_name(model_name, name)
     if name.endswith('Conv2d_1c_1x1/weights') and value.ndim == 2:
       value = value[None, None]  # TF-slim's classifier is a 1x1 convolution
@@ -123,7 +121,7 @@ KERAS_VARIANTS = ([('mobilenet_v1', a, r) for a in (0.25, 0.5, 0.75, 1.0) for r 
 def test_keras_and_tf_slim_weights_give_keras_logits(model_name, alpha, res, tmp_path):
   config = CONFIGS[model_name].get_config(f'alpha={alpha},res={res}')
   config.num_classes = 1001
-  peer = randomize_keras(converters.keras_application(config), seed=int(alpha * 100) + res)
+  peer = randomize_keras(weight_formats.keras_application(config), seed=int(alpha * 100) + res)
   images = np.random.default_rng(1).uniform(-1, 1, (2, res, res, 3)).astype(np.float32)
   expected = np.asarray(peer(images, training=False))
 
@@ -138,11 +136,11 @@ def test_keras_and_tf_slim_weights_give_keras_logits(model_name, alpha, res, tmp
 
   # The TF-slim path gives the same variables (so the same logits), and the class offset.
   write_slim_checkpoint(peer, model_name, str(tmp_path / 'peer.ckpt'))
-  source = converters.read('tf_slim', str(tmp_path / 'peer.ckpt'), config)
+  source = weight_formats.read('tf_slim', str(tmp_path / 'peer.ckpt'), config)
   slim_config = convert.converted_config('tf_slim', config, source)
   assert (slim_config.num_classes, slim_config.label_offset) == (1001, 1)
   assert slim_config.model.bn_epsilon == 1e-3
-  slim = converters.import_variables('tf_slim', model_name, source,
+  slim = weight_formats.import_variables('tf_slim', model_name, source,
                                      convert.variable_shapes(slim_config))
   jax.tree.map(np.testing.assert_array_equal, slim,
                {'params': variables['params'], 'batch_stats': variables['batch_stats']})
@@ -200,7 +198,7 @@ def test_pytorchcv_shufflenet_weights_give_pytorchcv_logits(groups, scale, tmp_p
 def test_mismatched_weights_are_one_clear_error_and_write_nothing(tmp_path):
   config = mobilenet_v1.get_config('alpha=0.5,res=128')
   config.num_classes = 1001
-  peer = randomize_keras(converters.keras_application(config))
+  peer = randomize_keras(weight_formats.keras_application(config))
   write_slim_checkpoint(peer, 'mobilenet_v1', str(tmp_path / 'v1_0.5.ckpt'))
   peer.save_weights(tmp_path / 'v1_0.5.weights.h5')
   narrower = mobilenet_v1.get_config('alpha=0.25,res=128')
@@ -230,10 +228,10 @@ def test_mismatched_weights_are_one_clear_error_and_write_nothing(tmp_path):
 def test_tf_slim_checkpoint_without_batchnorm_scales_gets_ones():
   config = mobilenet_v1.get_config('alpha=0.25,res=128')
   config.num_classes = 1001
-  peer = randomize_keras(converters.keras_application(config))
-  source = {slim_name('mobilenet_v1', k): v for k, v in converters.keras_weights(peer).items()
+  peer = randomize_keras(weight_formats.keras_application(config))
+  source = {slim_name('mobilenet_v1', k): v for k, v in weight_formats.keras_weights(peer).items()
             if not k.endswith('/gamma')}
-  variables = converters.import_variables('tf_slim', 'mobilenet_v1', source,
+  variables = weight_formats.import_variables('tf_slim', 'mobilenet_v1', source,
                                           convert.variable_shapes(config))
   flat = flax.traverse_util.flatten_dict(variables['params'])
   scales = [v for k, v in flat.items() if k[-1] == 'scale']
@@ -251,7 +249,7 @@ def write_png(path, seed, size):
 @pytest.mark.slow
 def test_converted_workdir_evaluates_fine_tunes_predicts_and_exports(tmp_path):
   config = tiny_config(num_classes=4)
-  peer = randomize_keras(converters.keras_application(config), seed=3)
+  peer = randomize_keras(weight_formats.keras_application(config), seed=3)
   peer.save_weights(tmp_path / 'peer.weights.h5')
   workdir = str(tmp_path / 'converted')
   convert.import_weights('keras', str(tmp_path / 'peer.weights.h5'), config, workdir)
@@ -298,9 +296,8 @@ def test_converted_workdir_evaluates_fine_tunes_predicts_and_exports(tmp_path):
   np.testing.assert_allclose([t['probability'] for t in top], np.sort(expected)[::-1][:3],
                              atol=1e-5)
   (tmp_path / 'broken.jpg').write_text('not an image')
-  cli = subprocess.run([sys.executable, 'predict.py', f'--workdir={workdir}', '--json',
-                        str(tmp_path / 'broken.jpg'), str(tmp_path / 'b.png')], cwd=ROOT,
-                       capture_output=True, text=True)
+  cli = run_tool('predict.py', f'--workdir={workdir}', '--json', tmp_path / 'broken.jpg',
+                 tmp_path / 'b.png')
   broken, good = json.loads(cli.stdout)
   assert len(good['top']) == 4  # --top_k 5 of 4 classes
   assert [t['label'] for t in good['top'][:3]] == [t['label'] for t in out[1]['top']]
@@ -310,8 +307,8 @@ def test_converted_workdir_evaluates_fine_tunes_predicts_and_exports(tmp_path):
       f'{tmp_path / "broken.jpg"} is not a JPEG, PNG, GIF or BMP image: remove it or replace it.')
 
   # Export back to Keras reproduces the peer's logits.
-  convert.export_keras(workdir, str(tmp_path / 'out.weights.h5'))
-  back = converters.keras_application(config)
+  convert.write_keras(workdir, str(tmp_path / 'out.weights.h5'))
+  back = weight_formats.keras_application(config)
   back.load_weights(tmp_path / 'out.weights.h5')
   images = np.random.default_rng(2).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
   np.testing.assert_allclose(back(images, training=False), peer(images, training=False),
@@ -322,14 +319,14 @@ def test_export_of_another_batchnorm_epsilon_keeps_the_function(tmp_path):
   """A network trained with epsilon 1e-5 exports with shifted variances for Keras' 1e-3."""
   config = mobilenet_v2.get_config('alpha=0.35,res=96')
   config.model.bn_epsilon = 1e-5
-  peer = randomize_keras(converters.keras_application(config), seed=5)
-  variables = converters.import_variables('keras', 'mobilenet_v2', converters.keras_weights(peer),
+  peer = randomize_keras(weight_formats.keras_application(config), seed=5)
+  variables = weight_formats.import_variables('keras', 'mobilenet_v2', weight_formats.keras_weights(peer),
                                           convert.variable_shapes(config))
   images = np.random.default_rng(2).uniform(-1, 1, (2, 96, 96, 3)).astype(np.float32)
   ours = np.asarray(jax.jit(functools.partial(models.get_model(config).apply, train=False))(
       variables, images))
-  folded = converters.fold_bn_epsilon(variables, 1e-5, 1e-3)
-  shapes = {k: v.shape for k, v in converters.keras_weights(peer).items()}
-  values = converters.export_variables('keras', 'mobilenet_v2', folded, shapes)
-  converters.set_keras_weights(peer, values)
+  folded = weight_formats.fold_bn_epsilon(variables, 1e-5, 1e-3)
+  shapes = {k: v.shape for k, v in weight_formats.keras_weights(peer).items()}
+  values = weight_formats.published_variables('keras', 'mobilenet_v2', folded, shapes)
+  weight_formats.set_keras_weights(peer, values)
   assert_same_logits(ours, np.asarray(peer(images, training=False)))

@@ -3,8 +3,6 @@ predict.py on an exported file, and bad input."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import predict
 import train
 import workdirs
 from configs import mobilenet_v1, mobilenet_v2, shufflenet
-from conftest import ROOT, random_variables, tiny_config
+from tests.helpers import random_variables, run_tool, tiny_config
 
 
 def _write_workdir(path, config):
@@ -105,25 +103,22 @@ def test_evaluate_counts_every_example_once_and_matches_jax(trained, tmp_path):
   assert evaluated['top1'] == pytest.approx(results['final_top1'], abs=1 / 60 + 1e-9)
 
 
-def test_int8_io_and_benchmark_and_evaluate_on_the_command_line(trained, tmp_path):
+def test_int8_io_and_latency_and_evaluate_on_the_command_line(trained, tmp_path):
   workdir, _ = trained
   output = str(tmp_path / 'q.tflite')
-  run = subprocess.run([sys.executable, 'export.py', f'--workdir={workdir}', f'--output={output}',
-                        '--quantize=int8', '--int8_io', '--calibration_steps=1'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  run = run_tool('export.py', f'--workdir={workdir}', f'--output={output}', '--quantize=int8',
+                 '--int8_io', '--calibration_steps=1', timeout=600)
   assert run.returncode == 0, run.stderr[-2000:]
   assert 'ops: ' in run.stdout and 'int8' in run.stdout.splitlines()[-1]
   runner = export.Runner(output)
   assert runner.input['dtype'] == np.int8 and runner.output['dtype'] == np.int8
-  bench = subprocess.run([sys.executable, 'export.py', f'--benchmark={output}', '--runs=5'],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+  bench = run_tool('export.py', f'--latency={output}', '--runs=5', timeout=600)
   assert bench.returncode == 0, bench.stderr[-2000:]
   result = json.loads(bench.stdout.splitlines()[-1])
   assert result['runs'] == 5 and result['threads'] == 1 and result['cpu']
   assert 0 < result['min_ms'] <= result['median_ms'] <= result['max_ms']
   assert 'median' in bench.stdout and result['size_bytes'] == os.path.getsize(output)
-  evaluated = subprocess.run([sys.executable, 'export.py', f'--evaluate={output}'],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+  evaluated = run_tool('export.py', f'--evaluate={output}', timeout=600)
   assert evaluated.returncode == 0, evaluated.stderr[-2000:]
   assert json.loads(evaluated.stdout.splitlines()[-1])['count'] == 60
 
@@ -150,8 +145,7 @@ def test_bad_input_is_one_clear_error_and_leaves_no_file(trained, tmp_path):
   workdir, _ = trained
   output = tmp_path / 'out.tflite'
   def cli(*args):
-    return subprocess.run([sys.executable, 'export.py', *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    return run_tool('export.py', *args, timeout=600)
   empty = tmp_path / 'empty'  # a workdir with its config.json and no checkpoint
   empty.mkdir()
   (empty / 'config.json').write_text(json.dumps(workdirs.config_as_dict(tiny_config())))
@@ -161,7 +155,7 @@ def test_bad_input_is_one_clear_error_and_leaves_no_file(trained, tmp_path):
        "error: --quantize must be one of none, int8, got 'int4'."),
       ((f'--workdir={workdir}', f'--output={output}', '--quantize=int8',
         '--calibration_data=folder:/no/such/dir'), 'error: '),
-      ((f'--benchmark={tmp_path / "not.tflite"}',), 'does not exist'),
+      ((f'--latency={tmp_path / "not.tflite"}',), 'does not exist'),
   ]
   (tmp_path / 'fake.tflite').write_text('not a flatbuffer at all')
   cases.append(((f'--evaluate={tmp_path / "fake.tflite"}',),

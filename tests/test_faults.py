@@ -15,9 +15,11 @@ import pytest
 
 import input_pipeline
 import sweep
+import main
 import train
 import workdirs
-from conftest import ROOT, latest_state, read_jsonl, tiny_config, train_command
+from tests.helpers import (
+    ROOT, latest_state, read_jsonl, run_tool, tiny_config, train_args, train_command)
 
 
 def copy_of(reference_dir, tmp_path, keep_steps=(3, 6, 9, 12)):
@@ -45,8 +47,7 @@ def assert_same_end(workdir, reference_dir):
 
 
 def run_train(workdir):
-  return subprocess.run(train_command(workdir), cwd=ROOT, capture_output=True, text=True,
-                        timeout=600)
+  return run_tool(*train_args(workdir), timeout=600)
 
 
 def test_too_few_examples_for_a_process_is_an_error(monkeypatch):
@@ -174,7 +175,7 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_ends_as_uninterrupted(uninte
   process = _start_and_wait_for_checkpoint_3(workdir)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=300)
-  assert process.returncode == train.PREEMPTED_EXIT_STATUS, stderr[-3000:]
+  assert process.returncode == main.PREEMPTED_EXIT_STATUS, stderr[-3000:]
   step = workdirs.restore_variables(str(workdir))[1]
   assert 3 <= step < 12 and f'after step {step}, which is checkpointed' in stderr
   assert not os.path.exists(workdir / 'results.json')
@@ -187,8 +188,9 @@ def test_a_second_signal_stops_at_once():
   """In a process of its own: the first SIGTERM only asks to stop, the second stops at once."""
   program = """
 import os, signal, sys, time
-import train
-with train.PreemptionSignals() as preemption:
+import main
+import main
+with main.PreemptionSignals() as preemption:
   os.kill(os.getpid(), signal.SIGTERM)
   while not preemption.reached(1):
     time.sleep(0.01)

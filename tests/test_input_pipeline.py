@@ -4,8 +4,6 @@ import gzip
 import io
 import itertools
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,7 +13,7 @@ import tensorflow_datasets as tfds
 
 import input_pipeline
 from configs import cifar10, default, mobilenet_v2, quickstart
-from conftest import ROOT
+from tests.helpers import run_tool
 from tools import make_imagenet_like
 
 DEVICES = jax.local_device_count()
@@ -270,11 +268,9 @@ def test_missing_dataset_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_command():
-  out = subprocess.run(
-      [sys.executable, 'input_pipeline.py', '--config=configs/quickstart.py', '--bench',
-       '--steps=5', '--config.dataset=synthetic', '--config.num_classes=4'],
-      cwd=ROOT, capture_output=True, text=True, check=True)
+def test_throughput_command():
+  out = run_tool('input_pipeline.py', '--config=configs/quickstart.py', '--throughput',
+                 '--steps=5', '--config.dataset=synthetic', '--config.num_classes=4', check=True)
   assert 'training images/s on this host' in out.stdout
 
 

@@ -14,7 +14,7 @@ import models
 from configs import mobilenet_v1, mobilenet_v2, shufflenet
 from models import layers
 from models import shufflenet as shufflenet_lib
-from conftest import random_variables
+from tests.helpers import random_variables
 
 RESOLUTIONS = (224, 192, 160, 128, 96, 32)
 V1_ALPHAS = (0.25, 0.5, 0.75, 1.0)

@@ -21,7 +21,8 @@ import flax
 import numpy as np
 import pytest
 
-from conftest import ROOT, latest_state, read_jsonl, tiny_config, train_command
+from tests.helpers import (
+    ROOT, latest_state, read_jsonl, run_tool, tiny_config, train_args, train_command)
 import workdirs
 
 pytestmark = pytest.mark.slow
@@ -198,11 +199,9 @@ def test_processes_started_with_different_workdirs_stop_with_one_error(tmp_path)
 def test_a_coordinator_that_does_not_answer_is_one_error_after_the_timeout(tmp_path):
   address = f'localhost:{free_port()}'  # nothing listens there
   start = time.time()
-  result = subprocess.run(
-      train_command(tmp_path / 'run') + ['--distributed', f'--coordinator_address={address}',
-                                         '--num_processes=2', '--process_id=1',
-                                         '--initialization_timeout=3'],
-      cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  result = run_tool(*train_args(tmp_path / 'run'), '--distributed',
+                    f'--coordinator_address={address}', '--num_processes=2', '--process_id=1',
+                    '--initialization_timeout=3', timeout=120)
   assert result.returncode == 1, result.stderr[-2000:]
   assert f'error: This process could not join the run coordinated at {address} within 3 s' in result.stderr
   assert time.time() - start < 60

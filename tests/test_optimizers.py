@@ -12,7 +12,7 @@ import pytest
 import models
 import optimizers
 from configs import mobilenet_v1, mobilenet_v2, shufflenet
-from conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_weight_decay_mask_excludes_depthwise_batchnorm_and_biases():

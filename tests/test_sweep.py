@@ -6,14 +6,13 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 
 import ml_collections
 import pytest
 
 from configs import default
 import sweep
-from conftest import ROOT, write_tiny_config_file
+from tests.helpers import ROOT, run_tool, write_tiny_config_file
 
 PAPER_SWEEPS = sorted(glob.glob(os.path.join(ROOT, 'configs', 'sweeps', '*_paper.py')))
 
@@ -154,8 +153,7 @@ def test_a_point_that_ran_with_other_settings_is_refused(tmp_path):
 
 
 def _sweep_cli(*args):
-  return subprocess.run([sys.executable, 'sweep.py', *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=900)
+  return run_tool('sweep.py', *args, timeout=900)
 
 
 @pytest.mark.slow
@@ -283,7 +281,7 @@ def get_config():
   assert argv[:8] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'my-tpu',
                       '--zone=us-central2-b', '--worker=all']
   remote = argv[8].removeprefix('--command=')
-  assert remote.startswith('cd mobilenets && python3 train.py --config=')
+  assert remote.startswith('cd mobilenets && python3 main.py --config=')
   assert ('--workdir=/mnt/shared/sweep/mobilenet_v1-a0.25-r32-num_train_steps3 --distributed'
           in remote)
 
@@ -322,3 +320,15 @@ def get_config():
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'exporting' not in again.stdout
   assert (out / names[0] / 'export' / 'model.tflite').stat().st_mtime_ns == mtime
+
+
+def test_a_plan_of_an_earlier_version_is_one_clear_error(tmp_path):
+  """A sweep.json whose points lack a field of today's identity (one written before `variant`
+  existed) is refused, not completed by rebuilding the points from their configs."""
+  point = {'name': 'mobilenet_v1-a0.25-r32', 'base': 'configs/quickstart.py', 'overrides': [],
+           'identity': {'dataset': 'fashion_mnist', 'model': 'mobilenet_v1', 'alpha': 0.25,
+                        'groups': None, 'image_size': 32}}
+  (tmp_path / 'sweep.json').write_text(json.dumps({'points': [point]}))
+  with pytest.raises(ValueError, match='written by an earlier version of sweep.py: run the sweep'):
+    sweep.collect(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ['sweep.json']

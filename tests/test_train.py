@@ -3,9 +3,9 @@
 import functools
 import json
 import os
-import subprocess
+import re
+import shutil
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +18,7 @@ import models
 import train
 import workdirs
 from configs import cifar10, quickstart
-from conftest import ROOT, read_jsonl, tiny_config, train_command
+from tests.helpers import read_jsonl, run_tool, tiny_config, train_args
 
 
 def test_one_step_on_8_devices_equals_1_device(train_state_and_step):
@@ -30,9 +30,7 @@ def test_one_step_on_8_devices_equals_1_device(train_state_and_step):
   for n in (8, 1):
     state, step = train_state_and_step(config, jax.local_devices()[:n])
     sharded = jax.tree.map(lambda x, n=n: x.reshape(n, -1, *x.shape[1:]), batch)
-    new_state, metrics = step(flax.jax_utils.replicate(state, jax.local_devices()[:n]), sharded)
-    first = functools.partial(jax.tree.map, lambda x: np.asarray(x)[0])
-    results.append((first(new_state), first(metrics)))
+    results.append(jax.device_get(step(state, sharded)))
   (state8, metrics8), (state1, metrics1) = results
   for name in ('params', 'batch_stats'):
     for a, b in zip(jax.tree.leaves(getattr(state8, name)), jax.tree.leaves(getattr(state1, name))):
@@ -41,7 +39,7 @@ def test_one_step_on_8_devices_equals_1_device(train_state_and_step):
   assert not np.allclose(jax.tree.leaves(state1.params)[0], jax.tree.leaves(state.params)[0])
 
 
-def test_run_outputs_and_loss_decreases(uninterrupted):
+def test_run_outputs(uninterrupted):
   workdir, results = uninterrupted
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f) == json.loads(json.dumps(results))
@@ -62,10 +60,22 @@ def test_run_outputs_and_loss_decreases(uninterrupted):
     assert {'step', 'split', 'loss', 'top1', 'lr', 'images_per_sec'} <= set(line)
   for line in eval_lines:
     assert {'loss', 'top1', 'top5', 'ema_top1'} <= set(line)
-  losses = [l['loss'] for l in train_lines]
-  assert np.mean(losses[-2:]) < np.mean(losses[:2])
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['12', '6', '9']
+
+
+def test_training_learns_the_synthetic_classes(tmp_path):
+  """64 steps on the synthetic classes (a fixed pattern each, under noise): enough that learning
+  is certain whatever the processor's rounding (over seeds 0-2 the loss fell to 0.33-0.38 of its
+  start and top-1 reached 0.84-1.0 of 96 examples, against 0.25 by chance), unlike the 12 steps of
+  the tiny run, whose direction rounding decides."""
+  results = train.train_and_evaluate(
+      tiny_config(num_train_steps=64, log_every_steps=8, ema_decay=0.0,
+                  synthetic_eval_examples=96, eval_every_steps=64, checkpoint_every_steps=64),
+      str(tmp_path))
+  losses = [l['loss'] for l in read_jsonl(tmp_path / 'metrics.jsonl') if l['split'] == 'train']
+  assert np.mean(losses[-2:]) < 0.6 * np.mean(losses[:2]), losses
+  assert results['final_top1'] >= 0.6
 
 
 def test_intervals_in_epochs_become_steps():
@@ -137,8 +147,7 @@ def test_bad_config_fails_before_compiling(tmp_path, monkeypatch, overrides, mes
 @pytest.mark.slow
 def test_command_line_errors(tmp_path):
   def last_line(**overrides):
-    run = subprocess.run(train_command(tmp_path, **overrides), cwd=ROOT, capture_output=True,
-                         text=True)
+    run = run_tool(*train_args(tmp_path, **overrides))
     assert run.returncode != 0 and 'Traceback' not in run.stderr, run.stderr[-3000:]
     return run.stderr.strip().splitlines()[-1]
   assert last_line(learning_rat=0.1) == (
@@ -188,7 +197,7 @@ def test_the_train_step_compiles_once(train_state_and_step):
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, seconds, **kwargs: lowerings.append(event)
       if event == '/jax/core/compile/jaxpr_to_mlir_module_duration' else None)
-  state = step(train.replicate(state), next(batches))[0]
+  state = step(train.replicated(state), next(batches))[0]
   assert lowerings  # the first step compiles (the listener sees it)
   lowerings.clear()
   for _ in range(2):
@@ -205,7 +214,7 @@ def test_the_train_step_takes_uint8_pixels(train_state_and_step):
   batch = next(input_pipeline.train_batches(input_pipeline.load(config), config, 4))
   assert batch['image'].dtype == np.uint8
   with pytest.raises(TypeError, match='train_step takes uint8 pixels'):
-    step(train.replicate(state), {**batch, 'image': batch['image'].astype(np.float32)})
+    step(train.replicated(state), {**batch, 'image': batch['image'].astype(np.float32)})
 
 
 def test_half_precision_step_keeps_float32_state(train_state_and_step):
@@ -213,11 +222,11 @@ def test_half_precision_step_keeps_float32_state(train_state_and_step):
   assert models.get_model(config).dtype == jnp.bfloat16
   state, step = train_state_and_step(config)
   batch = next(input_pipeline.train_batches(input_pipeline.load(config), config, 4))
-  new_state, metrics = step(flax.jax_utils.replicate(state), batch)
+  new_state, metrics = step(state, batch)
   for tree in (new_state.params, new_state.batch_stats, new_state.opt_state, new_state.ema_params):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tree)
                if jnp.issubdtype(x.dtype, jnp.floating))
-  assert np.isfinite(float(metrics['loss'][0]))
+  assert np.isfinite(float(metrics['loss']))
 
 
 def test_ema_averages_weights_and_batchnorm_statistics_with_tf_warmup(train_state_and_step):
@@ -227,7 +236,7 @@ def test_ema_averages_weights_and_batchnorm_statistics_with_tf_warmup(train_stat
   state, step = train_state_and_step(config)
   data = input_pipeline.load(config)
   batch = next(input_pipeline.train_batches(data, config, 4))
-  new = flax.jax_utils.unreplicate(step(flax.jax_utils.replicate(state), batch)[0])
+  new = jax.device_get(step(state, batch)[0])
   decay = 1 / 10  # step 0
   for old, current, ema in ((state.params, new.params, new.ema_params),
                             (state.batch_stats, new.batch_stats, new.ema_batch_stats)):
@@ -238,11 +247,10 @@ def test_ema_averages_weights_and_batchnorm_statistics_with_tf_warmup(train_stat
 
   p_eval = train.pmap_eval_step(config)
   eval_batch = next(input_pipeline.eval_batches(data, config))
-  same = flax.jax_utils.unreplicate(p_eval(flax.jax_utils.replicate(
-      new.replace(ema_params=new.params, ema_batch_stats=new.batch_stats)), eval_batch))
+  same = p_eval(new.replace(ema_params=new.params, ema_batch_stats=new.batch_stats), eval_batch)
   assert same['ema_loss'] == same['loss']
-  stale = flax.jax_utils.unreplicate(p_eval(flax.jax_utils.replicate(
-      new.replace(ema_params=new.params, ema_batch_stats=state.batch_stats)), eval_batch))
+  stale = p_eval(new.replace(ema_params=new.params, ema_batch_stats=state.batch_stats),
+                 eval_batch)
   assert stale['loss'] == same['loss'] and stale['ema_loss'] != same['loss']
 
 
@@ -257,7 +265,7 @@ def test_label_offset_skips_the_background_logit():
   hits = {}
   for offset in (0, 1):
     step = train.pmap_eval_step(tiny_config(label_offset=offset), devices=device)
-    hits[offset] = float(step(flax.jax_utils.replicate(state, device), batch)['top1'][0])
+    hits[offset] = float(step(state, batch)['top1'])
   assert hits == {0: 0.0, 1: 2.0}
 
 
@@ -267,8 +275,8 @@ def test_one_device_checkpoints_hold_unreplicated_arrays_and_resume(tmp_path):
   eval_only and init_from read them and a rerun resumes from them."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   def run(steps):
-    return subprocess.run(train_command(tmp_path, num_train_steps=steps, eval_every_steps=-1),
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    return run_tool(*train_args(tmp_path, num_train_steps=steps, eval_every_steps=-1), env=env,
+                    timeout=600)
   first = run(3)
   assert first.returncode == 0, first.stderr[-3000:]
   variables, step = workdirs.restore_variables(str(tmp_path))
@@ -285,3 +293,39 @@ def test_one_device_checkpoints_hold_unreplicated_arrays_and_resume(tmp_path):
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'Resumed from the checkpoint at step 3' in second.stderr
   assert workdirs.restore_variables(str(tmp_path))[1] == 6
+
+
+def test_a_config_json_of_an_earlier_version_is_one_clear_error(uninterrupted, tmp_path):
+  """A workdir whose config.json lacks settings that this version has (written before they
+  existed) is refused naming them, not read with today's defaults; nothing is touched."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(uninterrupted[0], workdir)
+  saved = json.loads((workdir / 'config.json').read_text())
+  del saved['train_resize_method'], saved['model']['separable']
+  (workdir / 'config.json').write_text(json.dumps(saved))
+  before = sorted(os.listdir(workdir / 'checkpoints'))
+  message = (r'config.json was written by an earlier version of this project: it has no '
+             r'train_resize_method, model.separable\. Train again in a new --workdir')
+  for read in (lambda: train.train_and_evaluate(tiny_config(), str(workdir)),
+               lambda: workdirs.load_for_inference(str(workdir))):
+    with pytest.raises(ValueError, match=message):
+      read()
+  assert sorted(os.listdir(workdir / 'checkpoints')) == before
+  assert json.loads((workdir / 'config.json').read_text()) == saved
+
+
+@pytest.mark.slow
+def test_the_console_shows_each_event_once_and_only_ours(tmp_path):
+  """main.py's console: log lines of this project's modules only (no library chatter, no
+  hyperparameter dump), none twice, a progress line with its ETA at every log step."""
+  run = run_tool(*train_args(tmp_path), timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  lines = run.stderr.strip().splitlines()
+  records = [re.match(r'[IWEF]\d{4} [\d:.]+ +\d+ (\w+\.py):\d+\] (.*)$', line) for line in lines]
+  assert all(records), [line for line, r in zip(lines, records) if not r]
+  assert {r.group(1) for r in records} <= {'main.py', 'train.py'}, lines
+  messages = [r.group(2) for r in records]
+  assert len(set(messages)) == len(messages), messages
+  progress = [m for m in messages if m.startswith('step ')]
+  assert len(progress) == 6 and all(' ETA ' in m for m in progress), messages
+  assert sum(m.startswith('eval at step ') for m in messages) == 2

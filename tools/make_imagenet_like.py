@@ -2,7 +2,7 @@ r"""Prepares an ImageNet-shaped stand-in for `imagenet2012` from generated JPEGs
 
     python tools/make_imagenet_like.py --data_dir=/tmp/imagenet_like --train_examples=2000
     python input_pipeline.py --config=configs/mobilenet_v2.py \
-        --config.data_dir=/tmp/imagenet_like --bench --steps=20
+        --config.data_dir=/tmp/imagenet_like --throughput --steps=20
 
 The data set is TFDS's own `imagenet2012` (the same name, version, features and 1000 classes,
 read by the same code path as the real one) with its examples replaced: JPEGs of ImageNet's most

@@ -4,7 +4,7 @@ Every network here is `ConvBN` blocks plus a classifier, so a format is describe
 where each of our blocks lives in the source (`LAYER_NAMES`: our module path -> the source's
 convolution and BatchNorm names) and how the source names and lays out a block's tensors
 (`Format`). `import_variables` fills our variable tree from a flat {name: array} dict of the
-source and `export_variables` does the reverse; both check every name and shape first.
+source and `published_variables` does the reverse; both check every name and shape first.
 
 Layouts: our convolution kernels are HWIO with I = input channels / groups (depthwise: (k, k, 1,
 C)); TF and Keras store depthwise kernels as (k, k, C, 1) and PyTorch every kernel as OIHW. TF-slim
@@ -206,7 +206,7 @@ def import_variables(fmt: str, model_name: str, source: dict, shapes: dict) -> d
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def export_variables(fmt: str, model_name: str, variables: dict,
+def published_variables(fmt: str, model_name: str, variables: dict,
                      source_shapes: dict) -> dict:
   """The inverse of `import_variables`: {source name: array} in the layouts of `source_shapes`
   ({source name: shape}), which must name exactly our tensors."""
