@@ -250,8 +250,7 @@ def read_plan(workdir: str) -> list[dict]:
   points = json.loads(plan_path.read_text())['points']
   if any(set(IDENTITY) - set(p.get('identity', {})) for p in points):
     raise ValueError(f'{plan_path} was written by an earlier version of sweep.py: run the sweep '
-                     'file again with --workdir set to it to rewrite the plan (finished points are '
-                     'kept).')
+                     'in a new --workdir, or collect this one with the version that wrote it.')
   return points
 
 

@@ -285,8 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                           flax.traverse_util.flatten_dict(config.to_dict(), sep='.').items()})
   p_train_step = pmap_train_step(config, schedule)
   p_eval_step = pmap_eval_step(config)
-  evals, images_per_sec = [], []
-  pending = []  # (step, metrics on the devices) of the steps since the last log
+  evals, images_per_sec, pending = [], [], []  # pending: (step, metrics) since the last log
   last_logged = start_step
   timer.lap()  # the first lap starts here
 
@@ -294,9 +293,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       input_pipeline.train_batches(data, config, steps_per_epoch, start_step, total_steps),
       config.prefetch_batches)
   for step in range(start_step + 1, total_steps + 1):
-    with timer.timed('compile') if step == start_step + 1 else contextlib.nullcontext():
+    compiling = step == start_step + 1  # the compile phase holds the whole first step
+    with timer.timed('compile') if compiling else contextlib.nullcontext():
       state, metrics = p_train_step(state, next(batches))
-      if step == start_step + 1:
+      if compiling:
         jax.block_until_ready(metrics)
     pending.append((step, metrics))
     last = step == total_steps

@@ -329,6 +329,6 @@ def test_a_plan_of_an_earlier_version_is_one_clear_error(tmp_path):
            'identity': {'dataset': 'fashion_mnist', 'model': 'mobilenet_v1', 'alpha': 0.25,
                         'groups': None, 'image_size': 32}}
   (tmp_path / 'sweep.json').write_text(json.dumps({'points': [point]}))
-  with pytest.raises(ValueError, match='written by an earlier version of sweep.py: run the sweep'):
+  with pytest.raises(ValueError, match='written by an earlier version of sweep.py: run the sweep in a new --workdir'):
     sweep.collect(str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ['sweep.json']
