@@ -3,7 +3,9 @@ r"""Throughput of the compiled train and eval steps on synthetic data already on
     python benchmark.py --config=configs/mobilenet_v2.py --config.batch_size=256 --steps=50 --json
 
 Times every step after `--warmup` steps, waiting for the devices, and reports the median as
-images/s for the global batch (`batch_size` for training, `eval_batch_size` for evaluation).
+images/s for the global batch (`batch_size` for training, `eval_batch_size` for evaluation). With
+a distillation teacher (`--config.distill.teacher=WORKDIR`) it times the train step with and
+without the teacher and reports their ratio, the cost of distillation.
 """
 
 import json
@@ -21,9 +23,12 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import ml_collections
 from ml_collections import config_flags
 
 import cli
+import distillation
+import input_pipeline
 import models
 import optimizers
 import train
@@ -50,17 +55,21 @@ def _median_seconds(step_fn, state, batch, steps: int, warmup: int) -> tuple[flo
 
 
 def synthetic_batch(batch_size: int, config, train: bool):
-  """Random images as the input pipeline gives them: uint8 pixels for training, normalized
-  float32 with a mask for evaluation."""
+  """Random images as the input pipeline gives them: uint8 pixels for training (and the
+  teacher's view where its size differs), normalized float32 with a mask for evaluation."""
   devices = jax.local_device_count()
   per_device = batch_size // jax.process_count() // devices
   key = jax.random.key(0)
-  shape = (devices, per_device, config.image_size, config.image_size, 3)
+  def shape(size):
+    return (devices, per_device, size, size, 3)
   batch = {'label': jax.random.randint(key, (devices, per_device), 0, config.num_classes)}
   if train:
-    batch['image'] = jax.random.randint(key, shape, 0, 256).astype(jnp.uint8)
+    batch['image'] = jax.random.randint(key, shape(config.image_size), 0, 256).astype(jnp.uint8)
+    if input_pipeline.teacher_image_size(config):
+      batch['teacher_image'] = jax.random.randint(
+          key, shape(input_pipeline.teacher_image_size(config)), 0, 256).astype(jnp.uint8)
   else:
-    batch['image'] = jax.random.normal(key, shape)
+    batch['image'] = jax.random.normal(key, shape(config.image_size))
     batch['mask'] = jnp.ones((devices, per_device))
   return jax.pmap(lambda x: x)(batch)  # one shard on each local device
 
@@ -68,17 +77,27 @@ def synthetic_batch(batch_size: int, config, train: bool):
 def time_train_step(config, steps: int, warmup: int) -> tuple[float, object]:
   """(median seconds of train.py's pmapped train step on a synthetic batch, the state after)."""
   train.check_config(config)
+  config, teacher, teacher_variables = distillation.load(config)
   model = models.get_model(config, axis_name='batch')
   schedule = optimizers.create_schedule(config, 1000, 100_000)
   state = train.replicated(
       train.create_train_state(config, model, optimizers.create_optimizer(config, schedule)))
-  p_train = train.pmap_train_step(config, schedule)
+  p_train = train.pmap_train_step(config, schedule, teacher=teacher,
+                                  teacher_variables=teacher_variables)
   train_batch = synthetic_batch(config.batch_size, config, train=True)
   return _median_seconds(p_train, state, train_batch, steps, warmup)
 
 
 def run(config, steps: int, warmup: int) -> dict:
   train_seconds, state = time_train_step(config, steps, warmup)
+  distilled = {}
+  if config.distill.teacher:
+    alone = ml_collections.ConfigDict(config.to_dict())
+    alone.distill.teacher = ''
+    alone_seconds, _ = time_train_step(alone, steps, warmup)
+    distilled = {'teacher': config.distill.teacher,
+                 'train_step_ms_without_teacher': 1000 * alone_seconds,
+                 'teacher_step_ratio': train_seconds / alone_seconds}
   p_eval = train.pmap_eval_step(config)
   eval_batch = synthetic_batch(config.eval_batch_size, config, train=False)
   eval_seconds, _ = _median_seconds(lambda s, b: (s, p_eval(s, b)), state, eval_batch,
@@ -97,6 +116,7 @@ def run(config, steps: int, warmup: int) -> dict:
       'eval_step_ms': 1000 * eval_seconds,
       'train_images_per_sec': config.batch_size / train_seconds,
       'eval_images_per_sec': config.eval_batch_size / eval_seconds,
+      **distilled,
   }
 
 
@@ -113,6 +133,10 @@ def main(argv):
           f'train {result["train_images_per_sec"]:.0f} images/s '
           f'({result["train_step_ms"]:.1f} ms/step), '
           f'eval {result["eval_images_per_sec"]:.0f} images/s ({result["eval_step_ms"]:.1f} ms/step)')
+    if 'teacher_step_ratio' in result:
+      print(f'with the teacher, the train step takes {result["teacher_step_ratio"]:.2f}x the '
+            f'time of the same step without it ({result["train_step_ms_without_teacher"]:.1f} '
+            'ms/step)')
 
 
 if __name__ == '__main__':

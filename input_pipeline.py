@@ -396,25 +396,38 @@ def _inception_crop(image, seed, config) -> tf.Tensor:
 def preprocess_train(example, seed, draws, config):
   """The per-example part of training preprocessing, uint8 pixels: 'inception_crop': a random
   resized crop (seeded by `seed`; resized by `train_resize_method` and `train_resize_antialias`),
-  flipped horizontally where draws[2] < 0.5; 'pad_crop': a decode and resize to image_size
+  flipped horizontally where draws[2] < 0.5, and the same crop at the distillation teacher's
+  size where it differs ('teacher_image'); 'pad_crop': a decode and resize to image_size
   (`pad_crop_and_flip` does the rest a batch at a time)."""
   size = config.image_size
   if config.augment == 'inception_crop':
-    image = _as_uint8(_resize(_inception_crop(example['image'], seed, config), (size, size),
-                              method=config.train_resize_method,
-                              antialias=config.train_resize_antialias))
-    image = tf.cond(draws[2] < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
-  else:
-    image = _decode(example['image'])
-    if image.shape[0] != size or image.shape[1] != size:
-      image = _as_uint8(_resize(image, (size, size)))
+    crop = _inception_crop(example['image'], seed, config)
+    def view(side):
+      image = _as_uint8(_resize(crop, (side, side), method=config.train_resize_method,
+                                antialias=config.train_resize_antialias))
+      return tf.cond(draws[2] < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
+    views = {'image': view(size)}
+    if teacher_image_size(config):
+      views['teacher_image'] = view(teacher_image_size(config))
+    return {**views, 'label': example['label']}
+  image = _decode(example['image'])
+  if image.shape[0] != size or image.shape[1] != size:
+    image = _as_uint8(_resize(image, (size, size)))
   return {'image': image, 'label': example['label']}
+
+
+def teacher_image_size(config) -> int:
+  """The size of the distillation teacher's view of each training crop ('teacher_image' in the
+  training batches), or 0 where the batches have none: no teacher, or one at image_size."""
+  size = config.distill.teacher_image_size if config.distill.teacher else 0
+  return 0 if size == config.image_size else size
 
 
 def pad_crop_and_flip(batch, draws, config):
   """'pad_crop' a batch at a time: image_size uint8 images padded by crop_padding, cropped at
   random and flipped horizontally, each example by its own uniform draws (row offset, column
-  offset, flip where < 0.5)."""
+  offset, flip where < 0.5); with a distillation teacher of another size, the crops resized to
+  its size too ('teacher_image')."""
   images = batch['image']
   size, pad = config.image_size, config.crop_padding
   # One gather crops the columns and flips: a flipped image reads its columns backwards.
@@ -424,7 +437,12 @@ def pad_crop_and_flip(batch, draws, config):
     images = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
     images = tf.gather(images, offsets[:, :1] + tf.range(size), axis=1, batch_dims=1)
   images = tf.gather(images, columns + offsets[:, 1:], axis=2, batch_dims=1)
-  return {'image': images, 'label': batch['label']}
+  views = {'image': images}
+  teacher_size = teacher_image_size(config)
+  if teacher_size:
+    views['teacher_image'] = _as_uint8(_resize(images, (teacher_size, teacher_size),
+                                               antialias=teacher_size < size))
+  return {**views, 'label': batch['label']}
 
 
 def preprocess_eval(example, config):

@@ -40,6 +40,7 @@ from ml_collections import config_flags
 import cli
 import complexity
 from configs import default
+import distillation
 import hugepages
 import models
 import workdirs
@@ -59,7 +60,11 @@ IDENTITY = ('dataset', 'model', 'alpha', 'groups', 'image_size', 'variant')
 # Short names of the usual axes in run names; other fields use their last path component.
 SHORT_NAMES = {'model.alpha': 'a', 'model.groups': 'g', 'image_size': 'r',
                'model.channel_shuffle': 'shuffle', 'model.se_reduction': 'se',
-               'model.bottleneck_activation': 'bottleneck_', 'model.shortcut': 'shortcut_'}
+               'model.bottleneck_activation': 'bottleneck_', 'model.shortcut': 'shortcut_',
+               'distill.teacher': 'kd_', 'distill.temperature': 'T', 'distill.weight': 'kdw',
+               'distill.teacher_ema': 'kd_ema', 'distill.teacher_image_size': 'kd_r'}
+# Varied paths named by their last component ('none' where empty): 'kd_none', 'kd_teacher'.
+PATH_FIELDS = ('distill.teacher',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,23 +117,30 @@ def set_field(config: ml_collections.ConfigDict, field: str, value) -> None:
 
 def run_name(config: ml_collections.ConfigDict, fields) -> str:
   """'mobilenet_v2-a0.5-r160', 'shufflenet-g3-a0.5-r224', plus any other varied field except
-  UNNAMED_FIELDS (characters other than letters, digits, '.' and '_' become '_')."""
+  UNNAMED_FIELDS (characters other than letters, digits, '.' and '_' become '_'; PATH_FIELDS by
+  their last component)."""
   identity = ['model.alpha', 'image_size']
   if config.model.name == 'shufflenet':
     identity.insert(0, 'model.groups')
   parts = [config.model.name]
   for field in identity + [f for f in fields if f not in identity + list(UNNAMED_FIELDS)]:
     short_name = SHORT_NAMES.get(field, field.split('.')[-1])
-    value = re.sub(r'[^\w.]', '_', _format(default.get_field(config, field)))
+    value = _format(default.get_field(config, field))
+    if field in PATH_FIELDS:
+      value = os.path.basename(value.rstrip('/')) or 'none'
+    value = re.sub(r'[^\w.]', '_', value)
     parts.append(f'{short_name}{value}')
   return '-'.join(parts)
 
 
 def variant(config: ml_collections.ConfigDict) -> str:
   """The ablation settings in which `config`'s network differs from the paper's main network,
-  as 'field=value' joined by ';' ('' for the main network): 'separable=False'."""
-  return ';'.join(f'{field}={value}'
-                  for field, value in default.changed_ablations(config.model).items())
+  and the teacher of a distilled run by its folder, as 'field=value' joined by ';' ('' for the
+  main network trained on labels): 'separable=False', 'teacher=distill_teacher'."""
+  parts = [f'{field}={value}' for field, value in default.changed_ablations(config.model).items()]
+  if config.distill.teacher:
+    parts.append(f'teacher={os.path.basename(config.distill.teacher.rstrip("/"))}')
+  return ';'.join(parts)
 
 
 def identity(config: ml_collections.ConfigDict) -> dict:
@@ -168,10 +180,14 @@ def expand(sweep: ml_collections.ConfigDict) -> list[Point]:
 
 
 def check_points(points: list[Point]) -> None:
-  """Builds every point's model once, so a bad setting stops the sweep before any training."""
+  """Builds every point's model (and reads its distillation teacher) once, so that a bad setting
+  stops the sweep before any training."""
   for point in points:
     try:
-      models.get_model(point.config())
+      config = point.config()
+      models.get_model(config)
+      if config.distill.teacher:
+        distillation.read_teacher(config)
     except ValueError as e:
       raise ValueError(f'Sweep point {point.name}: {e}') from e
 

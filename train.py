@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 import complexity
+import distillation
 import input_pipeline
 import models
 import optimizers
@@ -75,25 +76,35 @@ def correct_top_k(logits, labels, k: int):
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def train_step(state: TrainState, batch, *, schedule, config, dropout_key):
+def train_step(state: TrainState, batch, teacher_variables, *, schedule, config, dropout_key,
+               teacher: Optional[distillation.Teacher] = None):
   """One SGD step on this device's part of the global batch; runs under pmap('batch'). The
   images arrive as uint8 pixels (input_pipeline.train_batches) and are normalized here: a quarter
-  of the bytes to send, and no float work on the host."""
+  of the bytes to send, and no float work on the host. With a `teacher` (of `teacher_variables`)
+  the loss mixes in its soft targets (distillation.py)."""
   if batch['image'].dtype != jnp.uint8:
     raise TypeError(f'train_step takes uint8 pixels, as input_pipeline.train_batches gives, '
                     f'not {batch["image"].dtype}: it normalizes them itself.')
   key = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), lax.axis_index('batch'))
   labels = batch['label'] + config.label_offset
   images = input_pipeline.normalize(batch['image'].astype(jnp.float32), config)
+  if teacher is not None:
+    teacher_logits = teacher.logits(teacher_variables, batch.get('teacher_image', batch['image']))
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         mutable=['batch_stats'], rngs={'dropout': key})
     loss = cross_entropy(logits, labels, config.label_smoothing).mean()
-    return loss, (logits, updates['batch_stats'])
+    parts = {}
+    if teacher is not None:
+      parts = {'label_loss': loss, 'soft_loss': distillation.soft_target_loss(
+          logits, teacher_logits, config.distill.temperature).mean()}
+      loss = (1 - config.distill.weight) * loss + config.distill.weight * parts['soft_loss']
+    return loss, (logits, updates['batch_stats'], parts)
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   grads = lax.pmean(grads, 'batch')
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if config.ema_decay > 0:
@@ -103,7 +114,7 @@ def train_step(state: TrainState, batch, *, schedule, config, dropout_key):
                                    (state.ema_params, state.ema_batch_stats), 1.0 - decay)
     new_state = new_state.replace(ema_params=ema[0], ema_batch_stats=ema[1])
   metrics = {'loss': loss, 'top1': correct_top_k(logits, labels, 1).mean(),
-             'lr': schedule(state.step)}
+             'lr': schedule(state.step), **parts}
   return new_state, lax.pmean(metrics, 'batch')
 
 
@@ -155,12 +166,15 @@ def replicated(tree, devices=None):
                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def pmap_train_step(config, schedule, devices=None):
-  """`train_step` pmapped over `devices` (default: all), the state unmapped and donated."""
-  return jax.pmap(functools.partial(train_step, schedule=schedule, config=config,
+def pmap_train_step(config, schedule, devices=None, teacher=None, teacher_variables=None):
+  """`train_step` of (state, batch) pmapped over `devices` (default: all), the state unmapped
+  and donated; with a `teacher` (distillation.load), its variables placed on the devices once."""
+  step = jax.pmap(functools.partial(train_step, schedule=schedule, config=config, teacher=teacher,
                                     dropout_key=jax.random.key(config.seed + 1)),
-                  axis_name='batch', in_axes=(None, 0), out_axes=(None, None),
+                  axis_name='batch', in_axes=(None, 0, None), out_axes=(None, None),
                   donate_argnums=(0,), devices=devices)
+  on_devices = replicated(teacher_variables, devices)
+  return lambda state, batch: step(state, batch, on_devices)
 
 
 def pmap_eval_step(config, devices=None):
@@ -173,6 +187,7 @@ def check_config(config) -> None:
   compiled."""
   input_pipeline.check_config(config)
   optimizers.check_config(config)
+  distillation.check_config(config)
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}.')
   if not 0.0 <= config.label_smoothing < 1.0:
@@ -244,6 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     config = workdirs.fine_tuning_config(config)
   check_config(config)
   workdirs.check_writable(workdir)
+  config, teacher, teacher_variables = distillation.load(config)
   changes = workdirs.resume_changes(workdir, config)
   model = models.get_model(config, axis_name='batch')
   data = input_pipeline.load(config)
@@ -283,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if start_step == 0:
     writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in
                           flax.traverse_util.flatten_dict(config.to_dict(), sep='.').items()})
-  p_train_step = pmap_train_step(config, schedule)
+  p_train_step = pmap_train_step(config, schedule, teacher=teacher,
+                                 teacher_variables=teacher_variables)
   p_eval_step = pmap_eval_step(config)
   evals, images_per_sec, pending = [], [], []  # pending: (step, metrics) since the last log
   last_logged = start_step

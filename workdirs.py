@@ -42,8 +42,12 @@ from configs import default
 # schedule, the network) and must stay as the checkpoints' run had it.
 RESUME_MAY_CHANGE = ('num_epochs', 'num_train_steps', 'log_every_steps', 'tensorboard',
                      'eval_every_epochs', 'eval_every_steps', 'checkpoint_every_epochs',
-                     'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'eval_split', 'prefetch_batches',
-                     'data_threads', 'data_dir', 'download', 'fashion_mnist_files', 'init_from')
+                     'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size', 'eval_split',
+                     'prefetch_batches', 'data_threads', 'data_dir', 'download',
+                     'fashion_mnist_files', 'init_from')
+# Settings main.py fills in at the start of a run where a config leaves them at these values
+# (distillation.load); a config that leaves them so does not differ from the run that filled them.
+FILLED_AT_START = {'distill.teacher_image_size': 0, 'distill.teacher_checksum': ''}
 # Settings that belong to a checkpoint's weights: the network, what its inputs are normalized to
 # and its BatchNorm epsilon. Evaluating (eval_only), fine-tuning (init_from) and predict.py take
 # them from the checkpoint's config.json, so converted weights need no flags.
@@ -108,15 +112,16 @@ def config_as_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def read_config(workdir: str) -> dict:
-  """The config.json that main.py or convert.py wrote in `workdir`, as a dict."""
+def read_config(workdir: str, fields=None) -> dict:
+  """The config.json that main.py or convert.py wrote in `workdir`, as a dict; ValueError if it
+  lacks any of the top-level `fields` (default: every setting of this version)."""
   path = path_of(workdir) / 'config.json'
   if not path.is_file():
     raise ValueError(f'{workdir} has no config.json: it is not a workdir of main.py or '
                      'convert.py.')
   saved = json.loads(path.read_text())
   model = saved.get('model', {})
-  missing = sorted(set(default.get_config()) - set(saved)) + [
+  missing = sorted(set(fields or default.get_config()) - set(saved)) + [
       f'model.{field}' for field in default.ABLATIONS.get(model.get('name'), {})
       if field not in model]
   if missing:
@@ -156,14 +161,22 @@ def config_differences(workdir: str, config: ml_collections.ConfigDict) -> dict:
   saved = flax.traverse_util.flatten_dict(read_config(workdir), sep='.')
   current = flax.traverse_util.flatten_dict(config_as_dict(config), sep='.')
   return {k: [saved.get(k), current.get(k)] for k in sorted(saved.keys() | current.keys())
-          if saved.get(k) != current.get(k)}
+          if saved.get(k) != current.get(k)
+          and not (k in FILLED_AT_START and current.get(k) == FILLED_AT_START[k])}
 
 
 def resume_changes(workdir: str, config: ml_collections.ConfigDict) -> dict:
   """{field: [saved, current]} of the settings in RESUME_MAY_CHANGE that `config` changes from
-  the run in `workdir` ({} for a new workdir); ValueError naming the first other change."""
+  the run in `workdir` ({} for a new workdir), and the path of a distillation teacher whose
+  weights are the same; ValueError naming the first other change."""
   changes = config_differences(workdir, config)
   for field, (old, new) in changes.items():
+    if field == 'distill.teacher' and old and new:
+      continue  # the teacher moved: its checksum decides whether it is the same
+    if field == 'distill.teacher_checksum' and old and new:
+      raise ValueError(f'The weights of the teacher distill.teacher={config.distill.teacher} '
+                       f'(checksum {new}) are not those the run in {workdir} started with '
+                       f'({old}): give it that teacher, or use a new --workdir.')
     if field not in RESUME_MAY_CHANGE:
       raise ValueError(
           f'{workdir} holds a run with {field}={old!r}, this config has {field}={new!r}: use a '

@@ -195,6 +195,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_only = False
   config.init_from = ''
 
+  # Knowledge distillation (Hinton et al. 2015; distillation.py): the student learns the soft
+  # targets of a trained network of ours, its `teacher` workdir ('' for none).
+  config.distill = ml_collections.ConfigDict()
+  config.distill.teacher = ''
+  config.distill.teacher_ema = False  # the teacher's moving averages instead of its raw weights
+  config.distill.temperature = 4.0  # T: both softmaxes of the soft-target term at logits / T
+  config.distill.weight = 0.9  # loss = (1 - weight) * label loss + weight * T^2 * soft loss
+  # The teacher's input: the student's augmented crop at this size (0: the teacher's image_size).
+  config.distill.teacher_image_size = 0
+  # Set by main.py from the teacher's checkpoint (a resumed run refuses another teacher).
+  config.distill.teacher_checksum = ''
+
   # Logging (in steps), evaluation and checkpoints (in epochs; the *_steps fields, when > 0,
   # override them). Every run also evaluates and checkpoints its last step.
   config.log_every_steps = 50

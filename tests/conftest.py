@@ -23,19 +23,20 @@ from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top,wro
 
 @pytest.fixture
 def train_state_and_step():
-  """A function of (config, devices=None) giving a fresh host TrainState of the config's model
-  and its train step pmapped over `devices` (all local devices by default)."""
+  """A function of (config, devices=None, **teacher) giving a fresh host TrainState of the
+  config's model and its train step pmapped over `devices` (all local devices by default), with
+  the distillation `teacher` and `teacher_variables` where given."""
   import jax  # pylint: disable=g-import-not-at-top
   import models  # pylint: disable=g-import-not-at-top
   import optimizers  # pylint: disable=g-import-not-at-top
   import train  # pylint: disable=g-import-not-at-top
 
-  def build(config, devices=None):
+  def build(config, devices=None, **teacher):
     train.check_config(config)
     schedule = optimizers.create_schedule(config, 4, config.num_train_steps)
     state = train.create_train_state(config, models.get_model(config, axis_name='batch'),
                                      optimizers.create_optimizer(config, schedule))
-    return jax.device_get(state), train.pmap_train_step(config, schedule, devices)
+    return jax.device_get(state), train.pmap_train_step(config, schedule, devices, **teacher)
   return build
 
 

@@ -82,6 +82,18 @@ def random_variables(model, res, seed=0, random_batchnorm=False):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+def write_teacher(workdir, ema: bool = False, **overrides) -> str:
+  """A distillation teacher's workdir as convert.py writes one: the tiny config's network (with
+  `overrides`) with random weights and BatchNorm statistics (so that inference and training
+  mode differ), and moving averages with `ema`; returns its path."""
+  import convert  # pylint: disable=g-import-not-at-top
+  config = tiny_config(ema_decay=0.5 if ema else 0.0, **overrides)
+  variables = random_variables(models.get_model(config), config.image_size, seed=7,
+                               random_batchnorm=True)
+  convert.write_workdir(str(workdir), config, variables, provenance={'source': 'test'})
+  return str(workdir)
+
+
 def train_args(workdir, **overrides) -> list[str]:
   """main.py and its flags for the tiny config with `overrides` (run from ROOT)."""
   args = ['main.py', f'--config={TINY_BASE}', f'--workdir={workdir}']

@@ -4,17 +4,22 @@ import json
 
 import pytest
 
-from tests.helpers import run_tool
+from tests.helpers import run_tool, write_teacher
 
 
 @pytest.mark.slow
-def test_benchmark_command_times_train_and_eval_steps():
+def test_benchmark_command_times_train_and_eval_steps_and_the_teachers_cost(tmp_path):
+  teacher = write_teacher(tmp_path / 'teacher', **{'model.alpha': 0.5})
   out = run_tool('benchmark.py', '--config=configs/mobilenet_v1.py:alpha=0.25,res=32',
                  '--config.batch_size=8', '--config.eval_batch_size=8', '--config.num_classes=4',
-                 '--steps=2', '--warmup=1', '--json', check=True)
+                 f'--config.distill.teacher={teacher}', '--steps=2', '--warmup=1', '--json',
+                 check=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['device_count'] == 8 and result['batch_size'] == 8
   assert result['train_images_per_sec'] > 0 and result['eval_images_per_sec'] > 0
+  assert result['teacher'] == teacher and result['train_step_ms_without_teacher'] > 0
+  assert result['teacher_step_ratio'] == pytest.approx(
+      result['train_step_ms'] / result['train_step_ms_without_teacher'])
 
 
 @pytest.mark.slow
