@@ -125,6 +125,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if flags.FLAGS.steps < 1 or flags.FLAGS.warmup < 0:
     raise app.UsageError('--steps must be at least 1 and --warmup at least 0.')
+  cli.quiet_console()
   result = run(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.warmup)
   if flags.FLAGS.json:
     print(json.dumps(result))

@@ -18,6 +18,7 @@ where the T^2 keeps the soft term's gradients at the scale of the label term's a
 import dataclasses
 import hashlib
 
+from absl import logging
 import flax
 from flax import linen as nn
 import jax
@@ -158,4 +159,8 @@ def load(config: ml_collections.ConfigDict):
   config = ml_collections.ConfigDict(config.to_dict())
   config.distill.teacher_image_size = teacher.config.image_size
   config.distill.teacher_checksum = checksum(variables)
+  logging.info('Distilling from %s: %s %g at %d px (checksum %s), T = %g, weight %g.',
+               config.distill.teacher, teacher.config.model.name, teacher.config.model.alpha,
+               teacher.config.image_size, config.distill.teacher_checksum,
+               config.distill.temperature, config.distill.weight)
   return config, teacher, variables

@@ -104,6 +104,27 @@ def test_a_distilled_step_mixes_in_a_frozen_teachers_soft_targets_on_1_and_8_dev
   assert metrics[0]['soft_loss'] != metrics[1]['soft_loss']  # the student moved between them
 
 
+def test_a_1001_class_teacher_teaches_1000_classes_and_back(tmp_path):
+  """As label_offset: a teacher with a background logit first drops it for a student without
+  one; a student with one gets probability 0 there from a teacher without it."""
+  with_background = write_teacher(tmp_path / 'background', num_classes=5, label_offset=1)
+  plain = write_teacher(tmp_path / 'plain')
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8)
+  for teacher_dir, student, kept in ((with_background, {}, slice(1, None)),
+                                     (plain, {'num_classes': 5, 'label_offset': 1}, slice(None))):
+    config, teacher, variables = distillation.load(tiny_config(**{
+        'distill.teacher': teacher_dir, **student}))
+    own = teacher.network.apply(variables, input_pipeline.normalize(
+        pixels.astype(np.float32), teacher.config), train=False)
+    logits = np.asarray(teacher.logits(variables, pixels))
+    assert logits.shape == (2, config.num_classes)
+    np.testing.assert_array_equal(logits[:, -4:], np.asarray(own)[:, kept])
+    if config.label_offset:
+      assert np.all(logits[:, 0] == -np.inf)
+      assert np.all(np.isfinite(distillation.soft_target_loss(
+          np.zeros_like(logits), logits, config.distill.temperature)))
+
+
 def test_the_teacher_sees_the_students_crop_at_its_own_size():
   """The teacher's view of an 'inception_crop' example is the student's crop (same window, same
   flip) resized to the teacher's size: what a student at that size would have seen."""
