@@ -31,6 +31,11 @@ import sys
 import tempfile
 from typing import Any, Optional
 
+import quiet_tensorflow
+
+if __name__ == '__main__':
+  quiet_tensorflow.import_tensorflow()  # before anything imports it with its start-up banners
+
 from absl import app
 from absl import flags
 from etils import epath
@@ -491,10 +496,18 @@ def main(argv):
                          '(or --collect=DIR).')
   if f.launch == 'tpu' and not (f.tpu_name and f.zone):
     raise app.UsageError('--launch=tpu needs --tpu_name and --zone.')
+  unreadable = None  # why --dry_run cannot read the sweep directory, which it only reports
   try:
     points = expand(f.config)
     check_points(points)
-    check_workdir(points, f.workdir)
+    try:
+      workdirs.check_readable(f.workdir)
+    except ValueError as e:
+      if not f.dry_run:
+        raise
+      unreadable = e
+    else:
+      check_workdir(points, f.workdir)
   except ValueError as e:
     raise SystemExit(f'error: {e}') from None
   workdir = (os.path.abspath(f.workdir) if f.launch == 'local' and workdirs.is_local(f.workdir)
@@ -510,12 +523,16 @@ def main(argv):
   if f.dry_run or f.complexity_only:
     complexities = {p.name: {k: v for k, v in complexity.summary(p.config()).items()
                              if k in ('macs', 'params')} for p in points}
-    save_plan(points, workdir, complexities)
+    if unreadable is None:
+      save_plan(points, workdir, complexities)
     for point in points:
       c = complexities[point.name]
       print(f'{point.name}: {c["macs"] / 1e6:.1f} M MAdds, {c["params"] / 1e6:.2f} M params')
       if f.dry_run:
         print('  ' + ' '.join(shlex.quote(a) for a in command(point)))
+    if unreadable is not None:
+      print(f'warning: {unreadable} The plan above is neither saved there nor checked against '
+            'the runs it may hold.')
     if f.complexity_only:
       collect(workdir)
       print(f'Wrote {workdir}/results.csv and results.md.')

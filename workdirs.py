@@ -137,6 +137,15 @@ def read_results(workdir: str):
   return json.loads(path.read_text()) if path.exists() else None
 
 
+def _unreachable(workdir: str, action: str, error: Exception) -> ValueError:
+  """The one-line error of a `workdir` that cannot be read or written (`action`)."""
+  reason = getattr(error, 'strerror', None) or str(error).splitlines()[0][:300]
+  hint = ('check the bucket name, the network and the credentials (gcloud auth '
+          'application-default login)' if not is_local(workdir) else 'choose a writable '
+          'directory')
+  return ValueError(f'Cannot {action} --workdir={workdir} ({reason}): {hint}.')
+
+
 def check_writable(workdir: str) -> None:
   """Creates `workdir` if needed; ValueError if a file cannot be written there (on gs://: no
   network or no credentials), before any work."""
@@ -146,11 +155,16 @@ def check_writable(workdir: str) -> None:
     probe.write_text('ok')
     probe.unlink()
   except Exception as e:  # pylint: disable=broad-except  # OSError; cloud clients raise others
-    reason = getattr(e, 'strerror', None) or str(e).splitlines()[0][:300]
-    hint = ('check the bucket name, the network and the credentials (gcloud auth '
-            'application-default login)' if not is_local(workdir) else 'choose a writable '
-            'directory')
-    raise ValueError(f'Cannot write to --workdir={workdir} ({reason}): {hint}.') from None
+    raise _unreachable(workdir, 'write to', e) from None
+
+
+def check_readable(workdir: str) -> None:
+  """ValueError if `workdir` cannot be looked up (on gs://: no network or no credentials); one
+  that does not exist yet is readable."""
+  try:
+    path_of(workdir).exists()
+  except Exception as e:  # pylint: disable=broad-except  # cloud clients raise many kinds
+    raise _unreachable(workdir, 'read', e) from None
 
 
 def config_differences(workdir: str, config: ml_collections.ConfigDict) -> dict:

@@ -113,3 +113,23 @@ def test_an_unreachable_bucket_is_one_error_before_training():
   assert f'error: Cannot write to --workdir=gs://{BUCKET}/run (' in result.stderr
   assert 'check the bucket name, the network and the credentials' in result.stderr
   assert not os.path.exists(os.path.join(ROOT, 'gs:'))
+
+
+def test_a_tpu_sweep_with_an_unreachable_bucket_is_one_line_and_its_dry_run_shows_the_plan():
+  """docs/sweeps.md's TPU command where the bucket cannot be reached (no network here)."""
+  command = ['sweep.py', '--config=configs/sweeps/mobilenet_v1_paper.py',
+             f'--workdir=gs://{BUCKET}/v1_sweep', '--launch=tpu', '--tpu_name=my-v4-32',
+             '--zone=us-central2-b', '--tpu_repo_dir=mobilenets']
+  launched = run_tool(*command, timeout=300)
+  assert launched.returncode == 1 and not launched.stdout, launched.stderr[-3000:]
+  assert launched.stderr.strip().splitlines()[-1].startswith(
+      f'error: Cannot read --workdir=gs://{BUCKET}/v1_sweep (')
+  assert 'Traceback' not in launched.stderr and len(launched.stderr.strip().splitlines()) <= 2
+  planned = run_tool(*command, '--dry_run', timeout=300)
+  assert planned.returncode == 0 and 'Traceback' not in planned.stderr, planned.stderr[-3000:]
+  lines = planned.stdout.strip().splitlines()
+  assert len(lines) == 2 * 16 + 1 and lines[0].startswith('mobilenet_v1-a1-r224: 568.7 M MAdds')
+  assert f'--workdir=gs://{BUCKET}/v1_sweep/mobilenet_v1-a1-r224 --distributed' in lines[1]
+  assert lines[-1].startswith(f'warning: Cannot read --workdir=gs://{BUCKET}/v1_sweep (')
+  assert lines[-1].endswith('The plan above is neither saved there nor checked against the runs '
+                            'it may hold.')
