@@ -90,7 +90,8 @@ def initialize_distributed(coordinator_address: Optional[str], num_processes: Op
                            heartbeat_timeout: int) -> None:
   """Joins this process to a multi-process run (`jax.distributed.initialize`): with the three
   launch settings given, or with none (Cloud TPU, SLURM and Open MPI provide them). ValueError
-  for a partial or inconsistent launch, or a coordinator not reached within
+  for a partial or inconsistent launch, or, with the coordinator's address given, for a
+  coordinator not reached (on process 0: processes that did not arrive) within
   `initialization_timeout` seconds. Once running, every process stops (exit status 134, "the
   JAX distributed service detected fatal errors") within `heartbeat_timeout` seconds of the death
   of another."""
@@ -104,31 +105,90 @@ def initialize_distributed(coordinator_address: Optional[str], num_processes: Op
                      f'{", ".join(missing)} missing.')
   if num_processes is not None and not 0 <= process_id < num_processes:
     raise ValueError(f'process_id={process_id} must be in [0, num_processes={num_processes}).')
-  if coordinator_address is not None and process_id > 0:
-    # JAX aborts the process (no exception) when the coordinator does not answer in time.
-    wait_for_coordinator(coordinator_address, initialization_timeout)
+  if coordinator_address is not None:
+    # JAX aborts the process (no exception, no names) when a process is missing at its start-up.
+    if process_id == 0:
+      wait_for_processes(coordinator_address, num_processes, initialization_timeout)
+    else:
+      wait_for_coordinator(coordinator_address, process_id, initialization_timeout)
   jax.distributed.initialize(coordinator_address, num_processes, process_id,
                              initialization_timeout=initialization_timeout,
                              heartbeat_timeout_seconds=heartbeat_timeout)
 
 
-def wait_for_coordinator(address: str, timeout: float) -> None:
-  """Returns once something accepts connections at `address` (host:port); ValueError naming it
-  after `timeout` seconds."""
+def host_and_port(address: str) -> tuple[str, int]:
   host, _, port = address.rpartition(':')
   if not host or not port.isdigit():
     raise ValueError(f'coordinator_address={address!r} must be host:port.')
+  return host.strip('[]'), int(port)
+
+
+def wait_for_processes(address: str, num_processes: int, timeout: float) -> None:
+  """On process 0, before JAX's own start-up: listens on `address`'s port until processes 1 to
+  `num_processes` - 1 have announced themselves (`wait_for_coordinator`), then lets them go on.
+  ValueError naming the processes that did not arrive within `timeout` seconds."""
+  _, port = host_and_port(address)
+  if socket.has_dualstack_ipv6():  # JAX's service listens on [::]:port, IPv4 included
+    server = socket.create_server(('::', port), family=socket.AF_INET6, dualstack_ipv6=True)
+  else:
+    server = socket.create_server(('', port))
+  arrived = {}  # process id: its connection
+  deadline = time.time() + timeout
+  try:
+    while len(arrived) < num_processes - 1 and time.time() < deadline:
+      server.settimeout(max(deadline - time.time(), 0.01))
+      try:
+        connection, _ = server.accept()
+        connection.settimeout(5)
+        announced = connection.makefile().readline().strip()
+      except OSError:  # the deadline, or a peer that left before it announced itself
+        continue
+      if announced.isdigit() and 0 < int(announced) < num_processes:
+        if int(announced) in arrived:  # restarted: the newest one is the one waiting
+          arrived[int(announced)].close()
+        arrived[int(announced)] = connection
+      else:
+        connection.close()
+    missing = sorted(set(range(1, num_processes)) - set(arrived))
+    if missing:
+      raise ValueError(
+          f'Process(es) {", ".join(map(str, missing))} of {num_processes} did not join the run '
+          f'coordinated here at {address} within {timeout:g} s: start them with the same '
+          '--coordinator_address and --num_processes and their own --process_id, and check that '
+          f'port {port} of this host is reachable from theirs (--initialization_timeout).')
+    for connection in arrived.values():
+      try:
+        connection.sendall(b'go\n')
+      except OSError:  # it left again: JAX's start-up stops the run
+        pass
+  finally:
+    for connection in arrived.values():
+      connection.close()
+    server.close()
+
+
+def wait_for_coordinator(address: str, process_id: int, timeout: float) -> None:
+  """On the other processes: announces `process_id` to process 0 at `address` and returns when
+  process 0 has heard from every process (`wait_for_processes`). ValueError naming the address
+  after `timeout` seconds, or when process 0 gives up first."""
+  host, port = host_and_port(address)
   deadline = time.time() + timeout
   while True:
     try:
-      socket.create_connection((host.strip('[]'), int(port)), timeout=1).close()
-      return
+      with socket.create_connection((host, port), timeout=1) as connection:
+        connection.sendall(f'{process_id}\n'.encode())
+        connection.settimeout(max(deadline - time.time(), 0.01) + 5)
+        if connection.makefile().readline().strip() == 'go':
+          return
+        raise ValueError(f'Process 0 at {address} stopped before every process had joined (see '
+                         'its error): start all processes again.')
     except OSError as e:
       if time.time() > deadline:
         raise ValueError(
             f'This process could not join the run coordinated at {address} within {timeout} s '
-            f'({e.strerror or e}): start process 0 there first, or check the address, port and '
-            'firewall (--coordinator_address, --initialization_timeout).') from None
+            f'({getattr(e, "strerror", None) or e}): start process 0 there first, or check the '
+            'address, port and firewall (--coordinator_address, --initialization_timeout).'
+        ) from None
       time.sleep(0.5)
 
 

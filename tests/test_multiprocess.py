@@ -206,3 +206,31 @@ def test_a_coordinator_that_does_not_answer_is_one_error_after_the_timeout(tmp_p
   assert f'error: This process could not join the run coordinated at {address} within 3 s' in result.stderr
   assert time.time() - start < 60
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_coordinator_whose_peers_do_not_arrive_names_them_after_the_timeout(tmp_path):
+  """Process 0 of 3 with only process 1 started: one line naming process 2, not JAX's abort;
+  process 1 is told that process 0 gave up."""
+  address = f'localhost:{free_port()}'
+  def start(process_id):
+    return subprocess.Popen(
+        train_command(tmp_path / 'run') + [
+            '--distributed', f'--coordinator_address={address}', '--num_processes=3',
+            f'--process_id={process_id}', '--initialization_timeout=8'],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  start_time = time.time()
+  coordinator, peer = start(0), start(1)
+  (_, coordinator_err), (_, peer_err) = coordinator.communicate(120), peer.communicate(120)
+  assert coordinator.returncode == 1, coordinator_err[-3000:]
+  assert coordinator_err.strip().splitlines()[-1] == (
+      f'error: Process(es) 2 of 3 did not join the run coordinated here at {address} within 8 s: '
+      'start them with the same --coordinator_address and --num_processes and their own '
+      f'--process_id, and check that port {address.rpartition(":")[2]} of this host is reachable '
+      'from theirs (--initialization_timeout).')
+  assert peer.returncode == 1, peer_err[-3000:]
+  assert peer_err.strip().splitlines()[-1] == (
+      f'error: Process 0 at {address} stopped before every process had joined (see its error): '
+      'start all processes again.')
+  assert 'Traceback' not in coordinator_err + peer_err and 'Abort' not in coordinator_err
+  assert time.time() - start_time < 60
+  assert not (tmp_path / 'run').exists()
