@@ -21,8 +21,6 @@ import shutil
 
 from absl import app
 from absl import flags
-import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
@@ -62,12 +60,6 @@ def check_main_network(config: ml_collections.ConfigDict) -> None:
                      f'{default.ABLATIONS[config.model.name][field]!r}.')
 
 
-def variable_shapes(config: ml_collections.ConfigDict) -> dict:
-  model = models.get_model(config)
-  image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
-
-
 def write_workdir(workdir: str, config: ml_collections.ConfigDict, variables: dict,
                   provenance: dict) -> None:
   """Writes config.json, a step-0 TrainState checkpoint and converted.json into a new workdir,
@@ -102,7 +94,7 @@ def import_weights(fmt: str, source_path: str, config: ml_collections.ConfigDict
   source = weight_formats.read(fmt, source_path, config)
   config = converted_config(fmt, config, source)
   variables = weight_formats.import_variables(fmt, config.model.name, source,
-                                          variable_shapes(config))
+                                          models.variable_shapes(config))
   if os.path.isdir(workdir):
     os.rmdir(workdir)
   write_workdir(workdir, config, variables,

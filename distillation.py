@@ -117,19 +117,11 @@ def teacher_variables(config: ml_collections.ConfigDict, teacher: Teacher) -> di
   averages with `distill.teacher_ema`) as NumPy arrays; ValueError if they do not fit
   `teacher.network`."""
   path = config.distill.teacher
-  restored, _ = workdirs.restore_variables(path)
-  prefix = 'ema_' if config.distill.teacher_ema else ''
-  if restored[prefix + 'params'] is None:
+  variables = workdirs.checkpoint_weights(path, ema=config.distill.teacher_ema)
+  if variables is None:
     raise ValueError(f'distill.teacher={path} kept no moving averages: set '
                      'distill.teacher_ema=False.')
-  variables = {'params': restored[prefix + 'params'],
-               'batch_stats': restored[prefix + 'batch_stats']}
-  size = teacher.config.image_size
-  expected = jax.eval_shape(lambda: teacher.network.init(
-      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
-  shapes = flax.traverse_util.flatten_dict(jax.tree.map(np.shape, variables), sep='/')
-  wanted = flax.traverse_util.flatten_dict(jax.tree.map(np.shape, expected), sep='/')
-  differing = sorted(k for k in shapes.keys() | wanted.keys() if shapes.get(k) != wanted.get(k))
+  differing = workdirs.differing_shapes(variables, models.variable_shapes(teacher.config))
   if differing:
     raise ValueError(f'The checkpoint in distill.teacher={path} does not fit the network of its '
                      f'config.json: {", ".join(differing[:3])} differ. Use a workdir of main.py '

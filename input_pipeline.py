@@ -407,8 +407,9 @@ def preprocess_train(example, seed, draws, config):
                                 antialias=config.train_resize_antialias))
       return tf.cond(draws[2] < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
     views = {'image': view(size)}
-    if teacher_image_size(config):
-      views['teacher_image'] = view(teacher_image_size(config))
+    teacher_size = teacher_image_size(config)
+    if teacher_size:
+      views['teacher_image'] = view(teacher_size)
     return {**views, 'label': example['label']}
   image = _decode(example['image'])
   if image.shape[0] != size or image.shape[1] != size:

@@ -132,10 +132,15 @@ def run_name(config: ml_collections.ConfigDict, fields) -> str:
     short_name = SHORT_NAMES.get(field, field.split('.')[-1])
     value = _format(default.get_field(config, field))
     if field in PATH_FIELDS:
-      value = os.path.basename(value.rstrip('/')) or 'none'
+      value = folder_name(value) or 'none'
     value = re.sub(r'[^\w.]', '_', value)
     parts.append(f'{short_name}{value}')
   return '-'.join(parts)
+
+
+def folder_name(path: str) -> str:
+  """The last component of `path` ('' for '')."""
+  return os.path.basename(path.rstrip('/'))
 
 
 def variant(config: ml_collections.ConfigDict) -> str:
@@ -144,7 +149,7 @@ def variant(config: ml_collections.ConfigDict) -> str:
   main network trained on labels): 'separable=False', 'teacher=distill_teacher'."""
   parts = [f'{field}={value}' for field, value in default.changed_ablations(config.model).items()]
   if config.distill.teacher:
-    parts.append(f'teacher={os.path.basename(config.distill.teacher.rstrip("/"))}')
+    parts.append(f'teacher={folder_name(config.distill.teacher)}')
   return ';'.join(parts)
 
 

@@ -321,16 +321,32 @@ def restore_variables(workdir: str) -> tuple[dict, int]:
                                         'ema_batch_stats')}, step
 
 
+def checkpoint_weights(workdir: str, ema: bool = False) -> Optional[dict]:
+  """{'params', 'batch_stats'} of the latest checkpoint in `workdir` as NumPy arrays; with `ema`,
+  its moving averages, or None where the run kept none."""
+  restored, _ = restore_variables(workdir)
+  prefix = 'ema_' if ema else ''
+  if restored[prefix + 'params'] is None:
+    return None
+  return {'params': restored[prefix + 'params'], 'batch_stats': restored[prefix + 'batch_stats']}
+
+
 def load_for_inference(workdir: str, ema: bool = False) -> tuple[ml_collections.ConfigDict, dict]:
   """(config, {'params', 'batch_stats'}) of the latest checkpoint in `workdir`; with `ema`, the
   moving averages."""
   config = ml_collections.ConfigDict(read_config(workdir))
-  restored, _ = restore_variables(workdir)
-  prefix = 'ema_' if ema else ''
-  if restored[prefix + 'params'] is None:
+  weights = checkpoint_weights(workdir, ema)
+  if weights is None:
     raise ValueError(f'The checkpoint in {workdir} has no moving averages; leave out --ema.')
-  return config, {'params': restored[prefix + 'params'],
-                  'batch_stats': restored[prefix + 'batch_stats']}
+  return config, weights
+
+
+def differing_shapes(ours: dict, theirs: dict) -> list[str]:
+  """The sorted '/'-joined paths of the arrays whose shapes differ between two variable trees,
+  or that only one of them has."""
+  ours, theirs = (flax.traverse_util.flatten_dict(jax.tree.map(np.shape, tree), sep='/')
+                  for tree in (ours, theirs))
+  return sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
 
 
 def state_with_weights_of(state: TrainState, source: dict, workdir: str) -> TrainState:
@@ -343,9 +359,7 @@ def state_with_weights_of(state: TrainState, source: dict, workdir: str) -> Trai
       {'params': source['params'], 'batch_stats': source['batch_stats']}, sep='/')
   reinitialised = [k for k in ours if k.startswith('params/head/') and k in theirs
                    and np.shape(theirs[k]) != np.shape(ours[k])]
-  differing = sorted(set(ours) ^ set(theirs)) + [
-      k for k in ours if k in theirs and np.shape(theirs[k]) != np.shape(ours[k])
-      and k not in reinitialised]
+  differing = [k for k in differing_shapes(ours, theirs) if k not in reinitialised]
   if differing:
     raise ValueError(f'The checkpoint in init_from={workdir} does not fit this network: '
                      f'{", ".join(differing[:5])} differ.')

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -39,3 +40,10 @@ def get_model(config: ml_collections.ConfigDict, **overrides):
   model = cls(**kwargs)
   model.check_image_size(config.image_size)
   return model
+
+
+def variable_shapes(config: ml_collections.ConfigDict) -> dict:
+  """The shapes and dtypes of the variables of `config`'s network, without computing them."""
+  model = get_model(config)
+  image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))

@@ -141,7 +141,7 @@ def test_keras_and_tf_slim_weights_give_keras_logits(model_name, alpha, res, tmp
   assert (slim_config.num_classes, slim_config.label_offset) == (1001, 1)
   assert slim_config.model.bn_epsilon == 1e-3
   slim = weight_formats.import_variables('tf_slim', model_name, source,
-                                     convert.variable_shapes(slim_config))
+                                     models.variable_shapes(slim_config))
   jax.tree.map(np.testing.assert_array_equal, slim,
                {'params': variables['params'], 'batch_stats': variables['batch_stats']})
 
@@ -232,7 +232,7 @@ def test_tf_slim_checkpoint_without_batchnorm_scales_gets_ones():
   source = {slim_name('mobilenet_v1', k): v for k, v in weight_formats.keras_weights(peer).items()
             if not k.endswith('/gamma')}
   variables = weight_formats.import_variables('tf_slim', 'mobilenet_v1', source,
-                                          convert.variable_shapes(config))
+                                          models.variable_shapes(config))
   flat = flax.traverse_util.flatten_dict(variables['params'])
   scales = [v for k, v in flat.items() if k[-1] == 'scale']
   assert len(scales) == 27 and all(np.all(v == 1) for v in scales)
@@ -321,7 +321,7 @@ def test_export_of_another_batchnorm_epsilon_keeps_the_function(tmp_path):
   config.model.bn_epsilon = 1e-5
   peer = randomize_keras(weight_formats.keras_application(config), seed=5)
   variables = weight_formats.import_variables('keras', 'mobilenet_v2', weight_formats.keras_weights(peer),
-                                          convert.variable_shapes(config))
+                                          models.variable_shapes(config))
   images = np.random.default_rng(2).uniform(-1, 1, (2, 96, 96, 3)).astype(np.float32)
   ours = np.asarray(jax.jit(functools.partial(models.get_model(config).apply, train=False))(
       variables, images))
