@@ -48,10 +48,17 @@ def median_seconds(fn, steps: int, warmup: int) -> float:
 def _median_seconds(step_fn, state, batch, steps: int, warmup: int) -> tuple[float, object]:
   """(Median wall time of `state, outputs = step_fn(state, batch)`, waiting for both; the state
   after the last call)."""
+  step, final_state = stepper(step_fn, state, batch)
+  return median_seconds(step, steps, warmup), final_state()
+
+
+def stepper(step_fn, state, batch):
+  """(A function that runs `state, outputs = step_fn(state, batch)` once and waits for both, a
+  function that returns the state after the calls so far)."""
   states = [state]
   def step():
     states.append(jax.block_until_ready(step_fn(states.pop(), batch))[0])
-  return median_seconds(step, steps, warmup), states.pop()
+  return step, lambda: states[-1]
 
 
 def synthetic_batch(batch_size: int, config, train: bool):
@@ -76,6 +83,12 @@ def synthetic_batch(batch_size: int, config, train: bool):
 
 def time_train_step(config, steps: int, warmup: int) -> tuple[float, object]:
   """(median seconds of train.py's pmapped train step on a synthetic batch, the state after)."""
+  step, state = train_stepper(config)
+  return median_seconds(step, steps, warmup), state()
+
+
+def train_stepper(config):
+  """`stepper` for train.py's pmapped train step on a synthetic batch of `config`."""
   train.check_config(config)
   config, teacher, teacher_variables = distillation.load(config)
   model = models.get_model(config, axis_name='batch')
@@ -84,8 +97,7 @@ def time_train_step(config, steps: int, warmup: int) -> tuple[float, object]:
       train.create_train_state(config, model, optimizers.create_optimizer(config, schedule)))
   p_train = train.pmap_train_step(config, schedule, teacher=teacher,
                                   teacher_variables=teacher_variables)
-  train_batch = synthetic_batch(config.batch_size, config, train=True)
-  return _median_seconds(p_train, state, train_batch, steps, warmup)
+  return stepper(p_train, state, synthetic_batch(config.batch_size, config, train=True))
 
 
 def run(config, steps: int, warmup: int) -> dict:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with the pinned requirements (CPU build of jax) and, where apt-get can be used,
+# Creates .venv with the pinned requirements (CPU build of jax), builds the oneDNN convolution
+# library (models/native/build.sh; needs g++) and, where apt-get can be used,
 # installs Debian's dataset-fashion-mnist (the original Fashion-MNIST files, for the offline
 # quickstart). Set SKIP_APT=1 to leave the system packages alone.
 set -euo pipefail
@@ -18,3 +19,5 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
 .venv/bin/python -m pip install --quiet --no-deps -r requirements-peers.txt
+# oneDNN's CPU convolutions as an XLA FFI library (models/onednn.py), built with g++.
+bash models/native/build.sh .venv/bin/python

@@ -117,8 +117,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Flax BatchNorm momentum is the decay of the running averages (PyTorch momentum 0.1 = 0.9 here).
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-5
-  # Convolutions: 'auto' computes them as sums of shifted matrix products on the CPU, where XLA's
-  # convolutions are slow (models/layers.py: ShiftedConv), and with nn.Conv on accelerators.
+  # Convolutions: 'auto' computes them with oneDNN on the CPU, where XLA's convolutions are slow
+  # (models/layers.py: OneDNNConv; ShiftedConv's XLA products where the library is not built), and
+  # with nn.Conv on accelerators. 'onednn', 'shifted' and 'xla' choose one (docs/performance.md).
   config.model.conv_impl = 'auto'
 
   config.dataset = 'imagenet2012'

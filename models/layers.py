@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import onednn
+
 ModuleDef = Any
 Padding = Union[str, Sequence[tuple[int, int]]]
 
@@ -78,7 +80,8 @@ class ShiftedConv(nn.Module):
 
   Same parameter ('kernel', shape (k, k, Cin / groups, Cout)) and the same outputs as `nn.Conv`;
   XLA's CPU backend runs `conv_general_dilated` (above all its gradients) several times slower
-  than these products, so the networks use this module on the CPU and `nn.Conv` elsewhere.
+  than these products, so the networks use this module on the CPU where oneDNN's kernels
+  (`OneDNNConv`) are not built, and `nn.Conv` on GPUs and TPUs.
   """
   features: int
   kernel_size: tuple[int, int]
@@ -91,19 +94,26 @@ class ShiftedConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    (kh, kw), (sh, sw) = self.kernel_size, self.strides
-    groups, in_channels = self.feature_group_count, x.shape[-1]
+    (kh, kw), groups = self.kernel_size, self.feature_group_count
     kernel = self.param('kernel', self.kernel_init,
-                        (kh, kw, in_channels // groups, self.features), jnp.float32)
+                        (kh, kw, x.shape[-1] // groups, self.features), jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     if isinstance(self.padding, str):
-      pads = [_explicit_padding(self.padding, x.shape[d], k, s)
-              for d, k, s in ((1, kh, sh), (2, kw, sw))]
+      pads = tuple(_explicit_padding(self.padding, x.shape[d], k, s)
+                   for d, k, s in ((1, kh, self.strides[0]), (2, kw, self.strides[1])))
     else:
-      pads = [tuple(p) for p in self.padding]
+      pads = tuple(tuple(p) for p in self.padding)
+    y = self.convolve(x, kernel, tuple(self.strides), pads)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    return y
+
+  def convolve(self, x, kernel, strides, pads):
+    """The convolution of `x` with `kernel` at explicit paddings ((top, bottom), (left, right))."""
+    (kh, kw), (sh, sw), groups = kernel.shape[:2], strides, self.feature_group_count
+    depthwise = groups == x.shape[-1] == self.features and groups > 1
     x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
     out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-    depthwise = groups == in_channels == self.features and groups > 1
     y = 0
     for i in range(kh):
       for j in range(kw):
@@ -117,9 +127,29 @@ class ShiftedConv(nn.Module):
           tap = tap.reshape(tap.shape[0], groups, -1).transpose(1, 0, 2)
           window = window.reshape(*window.shape[:-1], groups, -1)
           y = y + jnp.einsum('nhwgc,gcd->nhwgd', window, tap).reshape(*window.shape[:3], -1)
-    if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
     return y
+
+
+class OneDNNConv(ShiftedConv):
+  """`ShiftedConv`'s parameter and outputs, computed by oneDNN's convolution kernels (those of
+  PyTorch on the CPU) through an XLA FFI call (`models/onednn.py`): forward pass and both
+  gradients. Float32 only; other dtypes (bfloat16) compute as `ShiftedConv`."""
+
+  def convolve(self, x, kernel, strides, pads):
+    if x.dtype != jnp.float32:
+      return super().convolve(x, kernel, strides, pads)
+    return onednn.conv(x, kernel, strides, pads, self.feature_group_count)
+
+
+CONV_IMPLS = ('auto', 'xla', 'shifted', 'onednn')
+
+
+def conv_module(conv_impl: str) -> ModuleDef:
+  """The convolution module of `Backbone.conv_impl` on this process's default backend."""
+  if conv_impl == 'auto':
+    conv_impl = 'xla' if jax.default_backend() != 'cpu' else (
+        'onednn' if onednn.available() else 'shifted')
+  return {'xla': nn.Conv, 'shifted': ShiftedConv, 'onednn': OneDNNConv}[conv_impl]
 
 
 class ConvBN(nn.Module):
@@ -200,7 +230,8 @@ class Backbone(nn.Module):
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   # 'xla' (nn.Conv, feature_group_count for depthwise and group convolutions), 'shifted'
-  # (ShiftedConv) or 'auto': shifted on the CPU backend, xla elsewhere. Same parameters, same outputs.
+  # (ShiftedConv), 'onednn' (OneDNNConv, CPU only) or 'auto': onednn on the CPU backend (shifted
+  # where the oneDNN library is not built), xla elsewhere. Same parameters, same outputs.
   conv_impl: str = 'auto'
   # Start the last BatchNorm of every branch that is added to an identity shortcut with scale 0,
   # so that each residual block starts as the identity (Goyal et al. 2017, section 5.1). Not in
@@ -222,8 +253,16 @@ class Backbone(nn.Module):
       raise ValueError(f'model.bn_momentum must be in [0, 1), got {self.bn_momentum}.')
     if not self.bn_epsilon > 0:
       raise ValueError(f'model.bn_epsilon must be > 0, got {self.bn_epsilon}.')
-    if self.conv_impl not in ('auto', 'xla', 'shifted'):
-      raise ValueError(f"model.conv_impl must be 'auto', 'xla' or 'shifted', got {self.conv_impl!r}.")
+    if self.conv_impl not in CONV_IMPLS:
+      raise ValueError(f"model.conv_impl must be one of {', '.join(CONV_IMPLS)}, got "
+                       f'{self.conv_impl!r}.')
+    if self.conv_impl == 'onednn' and jax.default_backend() != 'cpu':
+      raise ValueError(f"model.conv_impl='onednn' runs on the CPU only, and JAX's default backend "
+                       f"is {jax.default_backend()}: use model.conv_impl='auto'.")
+    if self.conv_impl == 'onednn' and onednn.load_error():
+      raise ValueError(f"model.conv_impl='onednn' needs the oneDNN library, which did not load "
+                       f"({onednn.load_error()}): build it with {onednn.BUILD_COMMAND}, or use "
+                       "model.conv_impl='auto'.")
     if self.num_classes < 1:
       raise ValueError(f'num_classes must be >= 1, got {self.num_classes}.')
     super().__post_init__()
@@ -242,11 +281,8 @@ class Backbone(nn.Module):
 
   def conv_bn(self, train: bool):
     """`ConvBN` with this network's padding, dtype and BatchNorm settings bound in."""
-    shifted = self.conv_impl == 'shifted' or (
-        self.conv_impl == 'auto' and jax.default_backend() == 'cpu')
-    conv = functools.partial(
-        ShiftedConv if shifted else nn.Conv, use_bias=False, dtype=self.dtype,
-        kernel_init=conv_kernel_init)
+    conv = functools.partial(conv_module(self.conv_impl), use_bias=False, dtype=self.dtype,
+                             kernel_init=conv_kernel_init)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
         epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.axis_name)

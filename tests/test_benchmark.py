@@ -25,10 +25,11 @@ def test_benchmark_command_times_train_and_eval_steps_and_the_teachers_cost(tmp_
 @pytest.mark.slow
 def test_compare_pytorch_times_both_sides_and_the_parts():
   out = run_tool('tools/compare_pytorch.py', '--rows=v2_0.5_32', '--steps=2', '--warmup=1',
-                 '--json', '--parts', check=True)
+                 '--rounds=1', '--json', '--parts', check=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['row'] == 'MobileNet V2 0.5, 32 px' and result['batch_size'] == 128
   ours, theirs = result['ours_images_per_sec'], result['pytorch_images_per_sec']
+  # One round: the median of the rounds' ratios is that round's ratio.
   assert ours > 0 and theirs > 0 and result['ratio'] == pytest.approx(ours / theirs)
   # pytorchcv's MobileNet V2 0.5: the first stride-1 depthwise convolution is the first block's,
   # 16x16 at 32 px with 16 channels (32 x 0.5).
@@ -39,7 +40,7 @@ def test_compare_pytorch_times_both_sides_and_the_parts():
 @pytest.mark.slow
 @pytest.mark.parametrize('command,message', [
     (['tools/compare_pytorch.py', '--rows=v3_1.0_224'], "Unknown rows ['v3_1.0_224']"),
-    (['tools/compare_pytorch.py', '--steps=0'], '--steps must be at least 1'),
+    (['tools/compare_pytorch.py', '--rounds=0'], '--steps and --rounds must be at least 1'),
     (['benchmark.py', '--config=configs/mobilenet_v1.py', '--warmup=-1'],
      '--warmup at least 0'),
     (['tools/make_imagenet_like.py', '--data_dir=UNUSED', '--validation_examples=0'],

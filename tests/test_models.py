@@ -320,7 +320,7 @@ def test_batchnorm_statistics_synchronise_over_axis_name():
     ('model.groups', 5, r'model.groups must be one of \[1, 2, 3, 4, 8\]'),
     ('image_size', 16, 'image_size=16 is too small for ShuffleNet.*>= 32'),
     ('model.dropout_rate', 1.0, r'model.dropout_rate must be in \[0, 1\)'),
-    ('model.conv_impl', 'cudnn', "model.conv_impl must be 'auto', 'xla' or 'shifted'"),
+    ('model.conv_impl', 'cudnn', 'model.conv_impl must be one of auto, xla, shifted, onednn'),
 ])
 def test_invalid_settings_raise_clear_errors(setting, value, message):
   config = _config('shufflenet', 1.0, 224, 3)
@@ -378,15 +378,16 @@ def test_shifted_conv_equals_xla_conv(kernel, in_channels, features, groups, str
 
 
 @pytest.mark.parametrize('name,width,groups', [('mobilenet_v2', 0.35, 1), ('shufflenet', 0.5, 3)])
-def test_whole_network_same_with_either_conv_implementation(name, width, groups):
+def test_whole_network_same_with_every_conv_implementation(name, width, groups):
   config = _config(name, width, 32, groups)
   xla = models.get_model(config, conv_impl='xla')
-  shifted = models.get_model(config, conv_impl='shifted')
   variables = random_variables(xla, 64)
   image = jax.random.normal(jax.random.key(3), (8, 64, 64, 3))
-  # Eval mode; train mode normalises with batch statistics, which amplify float rounding in
-  # channels of tiny variance, so it is compared at a looser tolerance.
-  for train, tolerance in ((False, 1e-4), (True, 1e-2)):
-    expected, _ = jax.jit(_forward(xla, train))(variables, image)
-    actual, _ = jax.jit(_forward(shifted, train))(variables, image)
-    np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance)
+  for impl in ('shifted', 'onednn'):
+    other = models.get_model(config, conv_impl=impl)
+    # Eval mode; train mode normalises with batch statistics, which amplify float rounding in
+    # channels of tiny variance, so it is compared at a looser tolerance.
+    for train, tolerance in ((False, 1e-4), (True, 1e-2)):
+      expected, _ = jax.jit(_forward(xla, train))(variables, image)
+      actual, _ = jax.jit(_forward(other, train))(variables, image)
+      np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance, err_msg=impl)

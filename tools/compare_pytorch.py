@@ -1,21 +1,23 @@
 r"""Train-step images/s of our networks against the same networks in PyTorch eager, in one run.
 
-    python tools/compare_pytorch.py                       # README's table: all rows, 20 steps
+    python tools/compare_pytorch.py                       # README's table: all rows
     python tools/compare_pytorch.py --rows=v2_0.5_32 --steps=50 --json
     python tools/compare_pytorch.py --rows=v1_1.0_224 --parts   # where the time goes
 
-Each row times both sides in the same process, one after the other, and reports their ratio
-(these machines are noisy; compare ratios, not images/s across runs). Both sides: float32,
+Each row times both sides in the same process, in `--rounds` rounds of `--steps` steps of ours
+then `--steps` of PyTorch's, and reports the median of the rounds' ratios (these machines are
+noisy; compare ratios, not images/s across runs). Both sides: float32,
 random data already in memory, SGD with momentum 0.9 and L2 weight decay, 1000 classes, the same
 batch, every host core. Ours is benchmark.py's timing of train.py's pmapped train step (uint8
 images normalized in the step, the model's `conv_impl='auto'`); PyTorch's is pytorchcv's network
 (the peer of tests/test_convert.py; its fixed 7x7 final pooling replaced by a global one so that
 small inputs run) in channels_last memory format: forward, cross-entropy, backward and
-`optimizer.step()`. The median step time after `--warmup` steps counts.
+`optimizer.step()`. A round's median step time after `--warmup` steps counts.
 
 `--parts` adds, per row, the forward pass alone (ours: the jitted loss in training mode; PyTorch:
 under `no_grad`) and the network's first stride-1 3x3 depthwise convolution alone, forward and
-backward (ours: `models.layers.ShiftedConv`, the CPU default; PyTorch: `Conv2d(groups=C)`).
+backward (ours: `conv_impl='auto'`'s convolution, oneDNN's through `models/onednn.py` where it
+is built; PyTorch: `Conv2d(groups=C)`).
 
 PyTorch and pytorchcv come with requirements-test.txt and requirements-peers.txt (setup.sh).
 """
@@ -23,6 +25,7 @@ PyTorch and pytorchcv come with requirements-test.txt and requirements-peers.txt
 import dataclasses
 import json
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,8 +102,23 @@ def pytorch_network(row: Row) -> torch.nn.Module:
   return model.to(memory_format=torch.channels_last).train()
 
 
-def pytorch_step_seconds(row: Row, image_size: int, steps: int, warmup: int) -> float:
-  """Median seconds of one eager PyTorch training step of the row's pytorchcv network."""
+def alternate(ours, theirs, steps: int, warmup: int, rounds: int) -> tuple[float, float, float]:
+  """(ours, theirs, theirs / ours): each side's median seconds per call over `rounds` rounds of
+  `steps` calls of `ours` then `steps` of `theirs` (after `warmup` calls of each), and the median
+  of the rounds' ratios, so that a slow spell of the machine touches both sides alike."""
+  for _ in range(warmup):
+    ours()
+    theirs()
+  ours_times, their_times = [], []
+  for _ in range(rounds):
+    ours_times.append(benchmark.median_seconds(ours, steps, 0))
+    their_times.append(benchmark.median_seconds(theirs, steps, 0))
+  ratios = [t / o for o, t in zip(ours_times, their_times)]
+  return statistics.median(ours_times), statistics.median(their_times), statistics.median(ratios)
+
+
+def pytorch_stepper(row: Row, image_size: int):
+  """A function that runs one eager PyTorch training step of the row's pytorchcv network."""
   model = pytorch_network(row)
   optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM,
                               weight_decay=WEIGHT_DECAY)
@@ -111,11 +129,11 @@ def pytorch_step_seconds(row: Row, image_size: int, steps: int, warmup: int) -> 
     optimizer.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(model(images), labels).backward()
     optimizer.step()
-  return benchmark.median_seconds(step, steps, warmup)
+  return step
 
 
-def forward_seconds(row: Row, config, steps: int, warmup: int) -> tuple[float, float]:
-  """(ours, PyTorch's) median seconds of the training-mode forward pass and loss alone."""
+def forward_steppers(row: Row, config):
+  """(ours, PyTorch's) functions that run the training-mode forward pass and loss alone."""
   model = models.get_model(config)
   images = jnp.asarray(np.random.default_rng(0).normal(
       size=(row.batch_size, config.image_size, config.image_size, 3)), jnp.float32)
@@ -125,20 +143,18 @@ def forward_seconds(row: Row, config, steps: int, warmup: int) -> tuple[float, f
   def loss(variables):
     logits, _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  ours = benchmark.median_seconds(lambda: jax.block_until_ready(loss(variables)), steps, warmup)
   network = pytorch_network(row)
-  images = torch.randn(row.batch_size, 3, config.image_size, config.image_size).to(
+  torch_images = torch.randn(row.batch_size, 3, config.image_size, config.image_size).to(
       memory_format=torch.channels_last)
   torch_labels = torch.zeros(row.batch_size, dtype=torch.long)
   def forward():
     with torch.no_grad():
-      torch.nn.functional.cross_entropy(network(images), torch_labels)
-  return ours, benchmark.median_seconds(forward, steps, warmup)
+      torch.nn.functional.cross_entropy(network(torch_images), torch_labels)
+  return lambda: jax.block_until_ready(loss(variables)), forward
 
 
-def depthwise_seconds(row: Row, image_size: int, steps: int,
-                      warmup: int) -> tuple[float, float, tuple]:
-  """(ours, PyTorch's) median seconds of forward and backward of the pytorchcv network's first
+def depthwise_steppers(row: Row, image_size: int):
+  """(ours, PyTorch's) functions that run forward and backward of the pytorchcv network's first
   stride-1 3x3 depthwise convolution at its input shape, and that shape (N, H, W, C)."""
   network = pytorch_network(row).eval()
   shapes = {}
@@ -153,11 +169,10 @@ def depthwise_seconds(row: Row, image_size: int, steps: int,
     hook.remove()
   _, channels, height, width = shapes[depthwise[0]]
   shape = (row.batch_size, height, width, channels)
-  conv = layers.ShiftedConv(channels, (3, 3), feature_group_count=channels)
+  conv = layers.conv_module('auto')(channels, (3, 3), feature_group_count=channels)
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
   params = conv.init(jax.random.key(0), x)
   grad = jax.jit(jax.grad(lambda p, x: (conv.apply(p, x) ** 2).sum(), argnums=(0, 1)))
-  ours = benchmark.median_seconds(lambda: jax.block_until_ready(grad(params, x)), steps, warmup)
   layer = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False).to(
       memory_format=torch.channels_last)
   xt = torch.randn(shape[0], channels, height, width).to(
@@ -166,20 +181,22 @@ def depthwise_seconds(row: Row, image_size: int, steps: int,
     xt.grad = None
     layer.zero_grad(set_to_none=True)
     (layer(xt) ** 2).sum().backward()
-  return ours, benchmark.median_seconds(forward_backward, steps, warmup), shape
+  return lambda: jax.block_until_ready(grad(params, x)), forward_backward, shape
 
 
-def compare(row: Row, steps: int, warmup: int, parts: bool) -> dict:
+def compare(row: Row, steps: int, warmup: int, rounds: int, parts: bool) -> dict:
   config = our_config(row)
-  ours, _ = benchmark.time_train_step(config, steps, warmup)
-  theirs = pytorch_step_seconds(row, config.image_size, steps, warmup)
+  ours_step, _ = benchmark.train_stepper(config)
+  ours, theirs, ratio = alternate(ours_step, pytorch_stepper(row, config.image_size), steps,
+                                  warmup, rounds)
   result = {'row': row.name, 'batch_size': row.batch_size,
             'ours_images_per_sec': row.batch_size / ours,
-            'pytorch_images_per_sec': row.batch_size / theirs, 'ratio': theirs / ours}
+            'pytorch_images_per_sec': row.batch_size / theirs, 'ratio': ratio}
   if parts:
-    ours_forward, pytorch_forward = forward_seconds(row, config, steps, warmup)
-    ours_depthwise, pytorch_depthwise, shape = depthwise_seconds(row, config.image_size, steps,
-                                                                 warmup)
+    ours_forward, pytorch_forward, _ = alternate(*forward_steppers(row, config), steps, warmup,
+                                                 rounds)
+    *steppers, shape = depthwise_steppers(row, config.image_size)
+    ours_depthwise, pytorch_depthwise, _ = alternate(*steppers, steps, warmup, rounds)
     result.update({
         'ours_step_ms': 1000 * ours, 'pytorch_step_ms': 1000 * theirs,
         'ours_forward_ms': 1000 * ours_forward, 'pytorch_forward_ms': 1000 * pytorch_forward,
@@ -191,8 +208,8 @@ def compare(row: Row, steps: int, warmup: int, parts: bool) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if flags.FLAGS.steps < 1 or flags.FLAGS.warmup < 0:
-    raise app.UsageError('--steps must be at least 1 and --warmup at least 0.')
+  if flags.FLAGS.steps < 1 or flags.FLAGS.warmup < 0 or flags.FLAGS.rounds < 1:
+    raise app.UsageError('--steps and --rounds must be at least 1 and --warmup at least 0.')
   unknown = set(flags.FLAGS.rows) - set(ROWS)
   if unknown:
     raise app.UsageError(f'Unknown rows {sorted(unknown)}; valid: {", ".join(ROWS)}.')
@@ -201,7 +218,8 @@ def main(argv):
   if not flags.FLAGS.json:
     print('| network | batch | ours (images/s) | PyTorch eager | ours / PyTorch |\n|---|---|---|---|---|')
   for key in flags.FLAGS.rows:
-    result = compare(ROWS[key], flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.parts)
+    result = compare(ROWS[key], flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.rounds,
+                     flags.FLAGS.parts)
     if flags.FLAGS.json:
       print(json.dumps(result), flush=True)
       continue
@@ -218,7 +236,8 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.DEFINE_list('rows', list(ROWS), f'Rows to time: {", ".join(ROWS)}.')
-  flags.DEFINE_integer('steps', 20, 'Timed steps per side.')
+  flags.DEFINE_integer('steps', 10, 'Timed steps per side and round.')
+  flags.DEFINE_integer('rounds', 3, 'Rounds of both sides, one after the other.')
   flags.DEFINE_integer('warmup', 3, 'Untimed steps per side after compilation.')
   flags.DEFINE_bool('json', False, 'One JSON object per row.')
   flags.DEFINE_bool('parts', False, 'Also time the forward pass alone and a depthwise layer.')

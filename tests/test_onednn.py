@@ -1,0 +1,159 @@
+"""oneDNN's convolutions (models/onednn.py): exact on every convolution of the networks, forward
+and both gradients, against a float64 reference; the networks' fallback where the library does
+not load."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import mobilenet_v1, mobilenet_v2, shufflenet
+import models
+from models import onednn
+
+
+def network_convolutions(config, batch_size: int) -> list[tuple]:
+  """The distinct (x shape, kernel shape, strides, padding, groups) of every convolution that
+  `config`'s network computes with conv_impl='onednn' on a batch of `batch_size`."""
+  calls = []
+  def record(x, kernel, strides, padding, groups):
+    calls.append((x.shape, kernel.shape, tuple(strides), tuple(map(tuple, padding)), groups))
+    return jnp.zeros(onednn.output_shape(x.shape, kernel.shape, strides, padding), x.dtype)
+  model = models.get_model(config, conv_impl='onednn')
+  image = jnp.zeros((batch_size, config.image_size, config.image_size, 3))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(onednn, 'conv', record)
+    jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), image)
+  return sorted(set(calls))
+
+
+def conv_kind(x_shape, kernel_shape, unused_strides, unused_padding, groups) -> str:
+  if groups > 1:
+    return 'depthwise' if groups == x_shape[-1] == kernel_shape[-1] else 'grouped'
+  return 'pointwise' if kernel_shape[:2] == (1, 1) else 'full'
+
+
+def conv_and_gradients(x, kernel, dy, strides, padding, groups, conv):
+  """(y, dx, dkernel) of `conv` at (x, kernel) with the output cotangent dy."""
+  y, vjp = jax.vjp(lambda x, kernel: conv(x, kernel, strides, padding, groups), x, kernel)
+  return (y, *vjp(dy))
+
+
+def xla_conv(x, kernel, strides, padding, groups):
+  return jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups, precision=jax.lax.Precision.HIGHEST)
+
+
+def assert_exact(x_shape, kernel_shape, strides, padding, groups):
+  """oneDNN's y, dx and dkernel are as close to the float64 result as XLA's float32 ones are:
+  within 8 times XLA's float32 error (at least 8 float32 ulps of the result's largest value)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=x_shape)
+  kernel = rng.normal(size=kernel_shape)
+  dy = rng.normal(size=onednn.output_shape(x_shape, kernel_shape, strides, padding))
+  settings = (strides, padding, groups)
+  with jax.enable_x64(True):
+    exact = conv_and_gradients(*(jnp.asarray(a, jnp.float64) for a in (x, kernel, dy)), *settings,
+                               xla_conv)
+    exact = [np.asarray(a) for a in exact]
+  float32 = [jnp.asarray(a, jnp.float32) for a in (x, kernel, dy)]
+  ours = conv_and_gradients(*float32, *settings, jax.jit(onednn.conv, static_argnums=(2, 3, 4)))
+  xla = conv_and_gradients(*float32, *settings, xla_conv)
+  for name, reference, a, b in zip(('y', 'dx', 'dkernel'), exact, ours, xla):
+    assert a.shape == reference.shape, name
+    xla_error = np.abs(np.asarray(b, np.float64) - reference).max()
+    tolerance = 8 * max(xla_error, np.finfo(np.float32).eps * np.abs(reference).max())
+    error = np.abs(np.asarray(a, np.float64) - reference).max()
+    assert error <= tolerance, (
+        f'{name} of {x_shape} * {kernel_shape}, strides {strides}, padding {padding}, groups '
+        f'{groups}: oneDNN is {error:.3g} from float64, XLA float32 {xla_error:.3g}')
+
+
+NETWORKS = {
+    # 224 px: every size even down to 7; batch 1.
+    'v1_1.0_224': (mobilenet_v1, 'alpha=1.0,res=224', 1),
+    'v2_1.0_224': (mobilenet_v2, 'alpha=1.0,res=224', 1),
+    'shufflenet_g3_224': (shufflenet, 'groups=3,res=224', 1),
+    # Odd sizes into stride-2 layers (200 px: 100, 50, 25, 13, 7), SAME's asymmetric padding, and
+    # a batch of 3, which two or more threads split unevenly.
+    'v2_0.35_200_batch3': (mobilenet_v2, 'alpha=0.35,res=200', 3),
+    'shufflenet_g8_0.5_200_batch3': (shufflenet, 'groups=8,scale=0.5,res=200', 3),
+}
+
+
+@pytest.mark.parametrize('network', NETWORKS)
+def test_every_convolution_of_the_networks_matches_float64(network):
+  module, argument, batch_size = NETWORKS[network]
+  convolutions = network_convolutions(module.get_config(argument), batch_size)
+  kinds = {conv_kind(*convolution) for convolution in convolutions}
+  assert kinds >= {'depthwise', 'pointwise', 'full'}
+  assert ('grouped' in kinds) == network.startswith('shufflenet')
+  for convolution in convolutions:
+    assert_exact(*convolution)
+
+
+@pytest.mark.parametrize('x_shape,kernel_shape,strides,padding,groups', [
+    ((2, 9, 8, 6), (3, 3, 1, 6), (2, 2), ((1, 1), (0, 1)), 6),  # uneven padding, odd height
+    ((3, 6, 7, 12), (3, 3, 4, 12), (1, 2), ((1, 1), (1, 1)), 3),  # grouped, unequal strides
+    ((1, 5, 5, 4), (5, 5, 1, 4), (1, 1), ((2, 2), (2, 2)), 4),  # a 5x5 depthwise kernel
+])
+def test_other_geometries_match_float64(x_shape, kernel_shape, strides, padding, groups):
+  assert_exact(x_shape, kernel_shape, strides, padding, groups)
+
+
+def test_networks_fall_back_to_xla_with_one_warning_when_the_library_does_not_load(tmp_path):
+  """With the library missing, conv_impl='auto' computes with ShiftedConv and says so once;
+  conv_impl='onednn' is one error naming the build command."""
+  program = f"""
+import jax, jax.numpy as jnp
+from models import onednn
+onednn.LIBRARY = {str(tmp_path / 'missing.so')!r}
+from configs import mobilenet_v1
+import models
+config = mobilenet_v1.get_config('alpha=0.25,res=32')
+config.num_classes = 10
+model = models.get_model(config)
+image = jnp.ones((2, 32, 32, 3))
+variables = model.init(jax.random.key(0), image, train=False)
+shifted = models.get_model(config, conv_impl='shifted')
+apply = lambda model: jax.jit(model.apply, static_argnames='train')(variables, image, train=False)
+print('same as shifted:', bool((apply(model) == apply(shifted)).all()))
+from models import layers
+print('auto:', layers.conv_module('auto').__name__)
+try:
+  models.get_model(config, conv_impl='onednn')
+except ValueError as e:
+  print('error:', e)
+"""
+  out = subprocess.run([sys.executable, '-c', program], capture_output=True, text=True, timeout=300,
+                       check=True)
+  warnings = [line for line in out.stderr.splitlines() if 'oneDNN convolutions unavailable' in line]
+  assert len(warnings) == 1, out.stderr
+  assert 'missing.so' in warnings[0] and 'bash models/native/build.sh' in warnings[0]
+  assert 'same as shifted: True' in out.stdout and 'auto: ShiftedConv' in out.stdout
+  assert "error: model.conv_impl='onednn' needs the oneDNN library" in out.stdout
+  assert 'bash models/native/build.sh' in out.stdout
+
+
+def test_uses_xla_threads_and_starts_none_of_its_own():
+  """oneDNN runs on XLA's intra-op threads (the batch split among them), not on OpenMP threads of
+  its own that would compete with XLA's for the cores."""
+  def threads():
+    return set(os.listdir('/proc/self/task'))
+  x = jnp.ones((7, 12, 12, 16))
+  kernel = jnp.ones((3, 3, 1, 16))
+  def loss(conv):
+    return jax.jit(jax.grad(lambda x, k: conv(x, k, (1, 1), ((1, 1), (1, 1)), 16).sum(),
+                            argnums=(0, 1)))
+  jax.block_until_ready(loss(xla_conv)(x, kernel))  # XLA's own threads exist from here on
+  before = threads()
+  dx, dkernel = jax.block_until_ready(loss(onednn.conv)(x, kernel))
+  assert threads() == before
+  # Every image's gradient, whichever thread computed it: interior pixels see all 9 taps.
+  assert float(dx[6, 5, 5, 0]) == 9.0 and float(dkernel[1, 1, 0, 0]) == 7 * 12 * 12
