@@ -38,6 +38,7 @@ def conv_kind(x_shape, kernel_shape, unused_strides, unused_padding, groups) -> 
   return 'pointwise' if kernel_shape[:2] == (1, 1) else 'full'
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
 def conv_and_gradients(x, kernel, dy, strides, padding, groups, conv):
   """(y, dx, dkernel) of `conv` at (x, kernel) with the output cotangent dy."""
   y, vjp = jax.vjp(lambda x, kernel: conv(x, kernel, strides, padding, groups), x, kernel)
@@ -63,7 +64,7 @@ def assert_exact(x_shape, kernel_shape, strides, padding, groups):
                                xla_conv)
     exact = [np.asarray(a) for a in exact]
   float32 = [jnp.asarray(a, jnp.float32) for a in (x, kernel, dy)]
-  ours = conv_and_gradients(*float32, *settings, jax.jit(onednn.conv, static_argnums=(2, 3, 4)))
+  ours = conv_and_gradients(*float32, *settings, onednn.conv)
   xla = conv_and_gradients(*float32, *settings, xla_conv)
   for name, reference, a, b in zip(('y', 'dx', 'dkernel'), exact, ours, xla):
     assert a.shape == reference.shape, name
@@ -75,25 +76,38 @@ def assert_exact(x_shape, kernel_shape, strides, padding, groups):
         f'{groups}: oneDNN is {error:.3g} from float64, XLA float32 {xla_error:.3g}')
 
 
-NETWORKS = {
-    # 224 px: every size even down to 7; batch 1.
-    'v1_1.0_224': (mobilenet_v1, 'alpha=1.0,res=224', 1),
-    'v2_1.0_224': (mobilenet_v2, 'alpha=1.0,res=224', 1),
-    'shufflenet_g3_224': (shufflenet, 'groups=3,res=224', 1),
-    # Odd sizes into stride-2 layers (200 px: 100, 50, 25, 13, 7), SAME's asymmetric padding, and
-    # a batch of 3, which two or more threads split unevenly.
-    'v2_0.35_200_batch3': (mobilenet_v2, 'alpha=0.35,res=200', 3),
-    'shufflenet_g8_0.5_200_batch3': (shufflenet, 'groups=8,scale=0.5,res=200', 3),
+# Every depthwise layer of the three networks at full size, batch 1 (224 px: sizes 112 to 7).
+FULL_SIZE = {
+    'v1_1.0_224': (mobilenet_v1, 'alpha=1.0,res=224'),
+    'v2_1.0_224': (mobilenet_v2, 'alpha=1.0,res=224'),
+    'shufflenet_g3_224': (shufflenet, 'groups=3,res=224'),
+}
+# Every convolution of every kind (depthwise, pointwise, grouped, the full stem) with odd sizes into
+# stride-2 layers (200 px: 100, 50, 25, 13, 7), SAME's asymmetric padding and ShuffleNet's
+# symmetric one, at a batch of 3, which two or more threads split unevenly.
+EVERY_KIND = {
+    'v2_0.35_200': (mobilenet_v2, 'alpha=0.35,res=200'),
+    'shufflenet_g8_0.5_200': (shufflenet, 'groups=8,scale=0.5,res=200'),
 }
 
 
-@pytest.mark.parametrize('network', NETWORKS)
-def test_every_convolution_of_the_networks_matches_float64(network):
-  module, argument, batch_size = NETWORKS[network]
-  convolutions = network_convolutions(module.get_config(argument), batch_size)
+@pytest.mark.parametrize('network', FULL_SIZE)
+def test_every_depthwise_layer_at_full_size_matches_float64(network):
+  module, argument = FULL_SIZE[network]
+  convolutions = [c for c in network_convolutions(module.get_config(argument), 1)
+                  if conv_kind(*c) == 'depthwise']
+  assert len({c[2] for c in convolutions}) == 2  # strides 1 and 2
+  for convolution in convolutions:
+    assert_exact(*convolution)
+
+
+@pytest.mark.parametrize('network', EVERY_KIND)
+def test_every_convolution_at_odd_sizes_and_batch_3_matches_float64(network):
+  module, argument = EVERY_KIND[network]
+  convolutions = network_convolutions(module.get_config(argument), 3)
   kinds = {conv_kind(*convolution) for convolution in convolutions}
-  assert kinds >= {'depthwise', 'pointwise', 'full'}
-  assert ('grouped' in kinds) == network.startswith('shufflenet')
+  assert kinds == ({'depthwise', 'pointwise', 'full'} |
+                   ({'grouped'} if network.startswith('shufflenet') else set()))
   for convolution in convolutions:
     assert_exact(*convolution)
 
@@ -108,24 +122,16 @@ def test_other_geometries_match_float64(x_shape, kernel_shape, strides, padding,
 
 
 def test_networks_fall_back_to_xla_with_one_warning_when_the_library_does_not_load(tmp_path):
-  """With the library missing, conv_impl='auto' computes with ShiftedConv and says so once;
-  conv_impl='onednn' is one error naming the build command."""
+  """With the library missing, conv_impl='auto' is ShiftedConv and says so once, however often
+  the networks ask; conv_impl='onednn' is one error naming the build command."""
   program = f"""
-import jax, jax.numpy as jnp
 from models import onednn
 onednn.LIBRARY = {str(tmp_path / 'missing.so')!r}
 from configs import mobilenet_v1
 import models
-config = mobilenet_v1.get_config('alpha=0.25,res=32')
-config.num_classes = 10
-model = models.get_model(config)
-image = jnp.ones((2, 32, 32, 3))
-variables = model.init(jax.random.key(0), image, train=False)
-shifted = models.get_model(config, conv_impl='shifted')
-apply = lambda model: jax.jit(model.apply, static_argnames='train')(variables, image, train=False)
-print('same as shifted:', bool((apply(model) == apply(shifted)).all()))
 from models import layers
-print('auto:', layers.conv_module('auto').__name__)
+config = mobilenet_v1.get_config('alpha=0.25,res=32')
+print('auto:', [layers.conv_module('auto').__name__ for _ in range(2)])
 try:
   models.get_model(config, conv_impl='onednn')
 except ValueError as e:
@@ -136,7 +142,7 @@ except ValueError as e:
   warnings = [line for line in out.stderr.splitlines() if 'oneDNN convolutions unavailable' in line]
   assert len(warnings) == 1, out.stderr
   assert 'missing.so' in warnings[0] and 'bash models/native/build.sh' in warnings[0]
-  assert 'same as shifted: True' in out.stdout and 'auto: ShiftedConv' in out.stdout
+  assert "auto: ['ShiftedConv', 'ShiftedConv']" in out.stdout
   assert "error: model.conv_impl='onednn' needs the oneDNN library" in out.stdout
   assert 'bash models/native/build.sh' in out.stdout
 
