@@ -4,7 +4,7 @@ XLA's CPU backend computes a depthwise convolution's gradients, above all the ke
 several times slower than oneDNN's direct depthwise kernels (docs/performance.md). The handlers in
 `native/conv_onednn.cc` run oneDNN's forward pass, input gradient and kernel gradient of a
 (grouped) convolution on NHWC float32 arrays, with the batch split among the threads of XLA's own
-intra-op thread pool; `conv` calls them with a `custom_vjp`. `setup.sh` builds the library
+intra-op thread pool (`threads_per_call`); `conv` calls them with a `custom_vjp`. `setup.sh` builds the library
 (`bash models/native/build.sh`); where it is missing or does not load, `available()` is False and
 says why in one warning line, and the networks compute with XLA instead (`layers.ShiftedConv`).
 """
@@ -63,6 +63,12 @@ def output_shape(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: S
           (w + pad_left + pad_right - kw) // strides[1] + 1, out_channels)
 
 
+def threads_per_call() -> int:
+  """The most threads one call splits its batch among: the cores XLA was given, shared among the
+  local devices, which run their steps at the same time (8 simulated devices on 2 cores: 1)."""
+  return max(1, len(os.sched_getaffinity(0)) // jax.local_device_count())
+
+
 def _call(pass_name: str, result_shape: Sequence[int], *operands, strides, padding, groups):
   if load_error():
     raise RuntimeError(f'The oneDNN convolutions did not load ({load_error()}): build them with '
@@ -73,7 +79,8 @@ def _call(pass_name: str, result_shape: Sequence[int], *operands, strides, paddi
       vmap_method='sequential')(
           *operands, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
           pad_top=np.int64(pad_top), pad_bottom=np.int64(pad_bottom),
-          pad_left=np.int64(pad_left), pad_right=np.int64(pad_right), groups=np.int64(groups))
+          pad_left=np.int64(pad_left), pad_right=np.int64(pad_right), groups=np.int64(groups),
+          max_threads=np.int64(threads_per_call()))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

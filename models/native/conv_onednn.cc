@@ -141,49 +141,31 @@ struct Arrays {
   float* output;
 };
 
-// Runs `pass` on the images [begin, begin + g.n) of the arrays with one thread.
-void RunSequential(Pass pass, const Geometry& g, int64_t begin, const Arrays& arrays) {
-  omp_set_num_threads(1);  // oneDNN sizes and runs its work for this thread alone
-  const Entry& entry = GetEntry(pass, g);
+// Runs `entry`'s pass on the images [begin, begin + chunk.n) of the arrays with one thread;
+// `weights` is the kernel (or its gradient) in the primitive's layout.
+void RunChunk(Pass pass, const Entry& entry, const Geometry& chunk, int64_t begin,
+              const Arrays& arrays, float* weights) {
+  omp_set_num_threads(1);  // oneDNN runs its work on this thread alone
   const auto& engine = Engine();
   dnnl::stream stream(engine);
+  const auto& g = chunk;
   memory src(
       memory::desc({g.n, g.ic, g.h, g.w}, memory::data_type::f32, memory::format_tag::nhwc),
       engine, arrays.activation + begin * g.h * g.w * g.ic);
   memory dst(
       memory::desc({g.n, g.oc, g.oh, g.ow}, memory::data_type::f32, memory::format_tag::nhwc),
       engine, arrays.output + begin * g.oh * g.ow * g.oc);
-  memory user_weights(entry.user_weights, engine, arrays.weights);
-  std::vector<float> blocked_weights;
-  memory primitive_weights = user_weights;
-  if (entry.reorder_weights) {
-    blocked_weights.resize(entry.primitive_weights.get_size() / sizeof(float));
-    primitive_weights = memory(entry.primitive_weights, engine, blocked_weights.data());
-  }
-  std::vector<uint8_t> scratch(entry.scratchpad.get_size());
+  memory primitive_weights(entry.primitive_weights, engine, weights);
+  thread_local std::vector<uint8_t> scratch;
+  scratch.resize(std::max(scratch.size(), entry.scratchpad.get_size()));
   memory scratchpad(entry.scratchpad, engine, scratch.data());
-  if (pass != Pass::kKernelGradient && entry.reorder_weights) {
-    entry.weights_reorder.execute(stream, user_weights, primitive_weights);
-  }
-  if (pass == Pass::kForward) {
-    entry.primitive.execute(stream, {{DNNL_ARG_SRC, src},
-                                     {DNNL_ARG_WEIGHTS, primitive_weights},
-                                     {DNNL_ARG_DST, dst},
-                                     {DNNL_ARG_SCRATCHPAD, scratchpad}});
-  } else if (pass == Pass::kInputGradient) {
-    entry.primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src},
-                                     {DNNL_ARG_WEIGHTS, primitive_weights},
-                                     {DNNL_ARG_DIFF_DST, dst},
-                                     {DNNL_ARG_SCRATCHPAD, scratchpad}});
-  } else {
-    entry.primitive.execute(stream, {{DNNL_ARG_SRC, src},
-                                     {DNNL_ARG_DIFF_WEIGHTS, primitive_weights},
-                                     {DNNL_ARG_DIFF_DST, dst},
-                                     {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    if (entry.reorder_weights) {
-      entry.weights_reorder.execute(stream, primitive_weights, user_weights);
-    }
-  }
+  const int weights_arg = pass == Pass::kKernelGradient ? DNNL_ARG_DIFF_WEIGHTS : DNNL_ARG_WEIGHTS;
+  const int src_arg = pass == Pass::kInputGradient ? DNNL_ARG_DIFF_SRC : DNNL_ARG_SRC;
+  const int dst_arg = pass == Pass::kForward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST;
+  entry.primitive.execute(stream, {{src_arg, src},
+                                   {weights_arg, primitive_weights},
+                                   {dst_arg, dst},
+                                   {DNNL_ARG_SCRATCHPAD, scratchpad}});
   stream.wait();
 }
 
@@ -197,48 +179,73 @@ struct SharedWork {
   std::condition_variable finished;
   int64_t done = 0;
   std::string error;
+  std::vector<float> weights;  // the kernel, or each chunk's kernel gradient, in oneDNN's layout
 };
 
-// Runs `pass` over the batch split into chunks of images, one chunk per thread of XLA's intra-op
-// thread pool (the calling thread included). The kernel gradient sums the chunks' gradients.
-ffi::Error Run(Pass pass, const Geometry& g, ffi::ThreadPool pool, const Arrays& arrays) {
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), g.n));
-  const int64_t per_chunk = (g.n + threads - 1) / threads;
-  const int64_t weights_size = g.kh * g.kw * g.ic / g.groups * g.oc;
+// Runs `pass` over the batch split into equal chunks of images, at most `max_threads` and one per
+// thread of XLA's intra-op thread pool (the calling thread included). The kernel is converted to
+// oneDNN's layout once per call; the kernel gradient sums the chunks' gradients.
+ffi::Error Run(Pass pass, const Geometry& g, ffi::ThreadPool pool, int64_t max_threads,
+               const Arrays& arrays) {
+  int64_t chunks = std::max<int64_t>(1, std::min({max_threads, pool.num_threads(), g.n}));
+  while (g.n % chunks) --chunks;
+  Geometry chunk = g;
+  chunk.n = g.n / chunks;
   auto work = std::make_shared<SharedWork>();
-  work->chunks = (g.n + per_chunk - 1) / per_chunk;
-  // The kernel gradient of chunk i > 0 goes to partial_weights[i - 1], chunk 0's to the output.
-  auto partial_weights = std::make_shared<std::vector<float>>(
-      pass == Pass::kKernelGradient ? (work->chunks - 1) * weights_size : 0);
-  auto run_chunks = [pass, g, per_chunk, weights_size, arrays, work, partial_weights]() {
-    for (int64_t i = work->next++; i < work->chunks; i = work->next++) {
-      Geometry chunk = g;
-      chunk.n = std::min(per_chunk, g.n - i * per_chunk);
-      Arrays chunk_arrays = arrays;
-      if (pass == Pass::kKernelGradient && i > 0) {
-        chunk_arrays.weights = partial_weights->data() + (i - 1) * weights_size;
-      }
-      std::string error;
-      try {
-        RunSequential(pass, chunk, i * per_chunk, chunk_arrays);
-      } catch (const dnnl::error& e) {
-        error = std::string("conv_onednn: oneDNN: ") + e.what();
-      }
-      std::lock_guard<std::mutex> lock(work->mutex);
-      if (!error.empty()) work->error = error;
-      if (++work->done == work->chunks) work->finished.notify_all();
+  work->chunks = chunks;
+  try {
+    omp_set_num_threads(1);
+    const Entry& entry = GetEntry(pass, chunk);
+    const auto& engine = Engine();
+    dnnl::stream stream(engine);
+    memory user_weights(entry.user_weights, engine, arrays.weights);
+    const int64_t weights_size = entry.primitive_weights.get_size() / sizeof(float);
+    const bool gradient = pass == Pass::kKernelGradient;
+    if (gradient || entry.reorder_weights) {
+      work->weights.resize((gradient ? chunks : 1) * weights_size);
     }
-  };
-  for (int64_t t = 1; t < work->chunks; ++t) pool.Schedule([run_chunks] { run_chunks(); });
-  run_chunks();
-  {
-    std::unique_lock<std::mutex> lock(work->mutex);
-    work->finished.wait(lock, [&work] { return work->done == work->chunks; });
-    if (!work->error.empty()) return ffi::Error::Internal(work->error);
-  }
-  for (int64_t i = 0; pass == Pass::kKernelGradient && i + 1 < work->chunks; ++i) {
-    const float* partial = partial_weights->data() + i * weights_size;
-    for (int64_t j = 0; j < weights_size; ++j) arrays.weights[j] += partial[j];
+    if (!gradient && entry.reorder_weights) {
+      memory blocked(entry.primitive_weights, engine, work->weights.data());
+      entry.weights_reorder.execute(stream, user_weights, blocked);
+      stream.wait();
+    }
+    float* weights = work->weights.empty() ? arrays.weights : work->weights.data();
+    auto run_chunks = [pass, &entry, chunk, arrays, work, weights, gradient, weights_size]() {
+      for (int64_t i = work->next++; i < work->chunks; i = work->next++) {
+        std::string error;
+        try {
+          RunChunk(pass, entry, chunk, i * chunk.n, arrays,
+                   weights + (gradient ? i * weights_size : 0));
+        } catch (const dnnl::error& e) {
+          error = std::string("conv_onednn: oneDNN: ") + e.what();
+        }
+        std::lock_guard<std::mutex> lock(work->mutex);
+        if (!error.empty()) work->error = error;
+        if (++work->done == work->chunks) work->finished.notify_all();
+      }
+    };
+    for (int64_t t = 1; t < chunks; ++t) pool.Schedule([run_chunks] { run_chunks(); });
+    run_chunks();
+    {
+      std::unique_lock<std::mutex> lock(work->mutex);
+      work->finished.wait(lock, [&work] { return work->done == work->chunks; });
+      if (!work->error.empty()) return ffi::Error::Internal(work->error);
+    }
+    if (gradient) {
+      for (int64_t i = 1; i < chunks; ++i) {
+        const float* partial = weights + i * weights_size;
+        for (int64_t j = 0; j < weights_size; ++j) weights[j] += partial[j];
+      }
+      memory blocked(entry.primitive_weights, engine, weights);
+      if (entry.reorder_weights) {
+        entry.weights_reorder.execute(stream, blocked, user_weights);
+        stream.wait();
+      } else {
+        std::copy(weights, weights + weights_size, arrays.weights);
+      }
+    }
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("conv_onednn: oneDNN: ") + e.what());
   }
   return ffi::Error::Success();
 }
@@ -275,33 +282,35 @@ ffi::ErrorOr<Geometry> MakeGeometry(ffi::Span<const int64_t> activation,
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                    ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w,
                    int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
-                   int64_t groups) {
+                   int64_t groups, int64_t max_threads) {
   auto g = MakeGeometry(x.dimensions(), y->dimensions(), kernel.dimensions(), groups, stride_h,
                         stride_w,
                         pad_top, pad_bottom, pad_left, pad_right);
   if (g.has_error()) return g.error();
-  return Run(Pass::kForward, *g, pool, {x.typed_data(), kernel.typed_data(), y->typed_data()});
+  return Run(Pass::kForward, *g, pool, max_threads, {x.typed_data(), kernel.typed_data(), y->typed_data()});
 }
 
 ffi::Error InputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                          ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
                          int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
-                         int64_t pad_left, int64_t pad_right, int64_t groups) {
+                         int64_t pad_left, int64_t pad_right, int64_t groups,
+                         int64_t max_threads) {
   auto g = MakeGeometry(dx->dimensions(), dy.dimensions(), kernel.dimensions(), groups, stride_h,
                         stride_w, pad_top, pad_bottom, pad_left, pad_right);
   if (g.has_error()) return g.error();
-  return Run(Pass::kInputGradient, *g, pool,
+  return Run(Pass::kInputGradient, *g, pool, max_threads,
              {dx->typed_data(), kernel.typed_data(), dy.typed_data()});
 }
 
 ffi::Error KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dkernel, int64_t stride_h,
                           int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
-                          int64_t pad_left, int64_t pad_right, int64_t groups) {
+                          int64_t pad_left, int64_t pad_right, int64_t groups,
+                         int64_t max_threads) {
   auto g = MakeGeometry(x.dimensions(), dy.dimensions(), dkernel->dimensions(), groups, stride_h,
                         stride_w, pad_top, pad_bottom, pad_left, pad_right);
   if (g.has_error()) return g.error();
-  return Run(Pass::kKernelGradient, *g, pool,
+  return Run(Pass::kKernelGradient, *g, pool, max_threads,
              {x.typed_data(), dkernel->typed_data(), dy.typed_data()});
 }
 
@@ -318,7 +327,8 @@ auto Binding() {
       .Attr<int64_t>("pad_bottom")
       .Attr<int64_t>("pad_left")
       .Attr<int64_t>("pad_right")
-      .Attr<int64_t>("groups");
+      .Attr<int64_t>("groups")
+      .Attr<int64_t>("max_threads");
 }
 
 }  // namespace
