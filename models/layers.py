@@ -2,7 +2,8 @@
 
 Every network here is a stack of `ConvBN` blocks (convolution -> BatchNorm -> optional activation)
 followed by `ClassifierHead`. Depthwise and grouped convolutions are `nn.Conv` with
-`feature_group_count`; all tensors are NHWC.
+`feature_group_count` on GPUs and TPUs, and the same computation by oneDNN (`OneDNNConv`) or as
+shifted products (`ShiftedConv`) on the CPU (`Backbone.conv_impl`); all tensors are NHWC.
 """
 
 import functools
