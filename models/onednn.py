@@ -4,8 +4,8 @@ XLA's CPU backend computes a depthwise convolution's gradients, above all the ke
 several times slower than oneDNN's direct depthwise kernels (docs/performance.md). The handlers in
 `native/conv_onednn.cc` run oneDNN's forward pass, input gradient and kernel gradient of a
 (grouped) convolution on NHWC float32 arrays, with the batch split among the threads of XLA's own
-intra-op thread pool (`threads_per_call`); `conv` calls them with a `custom_vjp`. `setup.sh` builds the library
-(`bash models/native/build.sh`); where it is missing or does not load, `available()` is False and
+intra-op thread pool (`threads_per_call`); `conv` calls them with a `custom_vjp`. `setup.sh`
+builds the library (`bash models/native/build.sh`); where it is missing or does not load, `available()` is False and
 says why in one warning line, and the networks compute with XLA instead (`layers.ShiftedConv`).
 """
 
@@ -33,14 +33,20 @@ Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
 @functools.cache
+def library() -> ctypes.CDLL:
+  """The library, loaded once (OSError where it is missing or does not load)."""
+  return ctypes.CDLL(LIBRARY)
+
+
+@functools.cache
 def load_error() -> str:
   """Loads and registers the library once: '' when it is usable, otherwise why not."""
   try:
-    library = ctypes.CDLL(LIBRARY)
+    handlers = library()
   except OSError as e:
     return f'{e}'
   for target, symbol in TARGETS.items():
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handlers, symbol)),
                                 platform='cpu')
   return ''
 
@@ -118,6 +124,6 @@ def implementation(pass_name: str, x_shape: Sequence[int], kernel_shape: Sequenc
   (pad_top, pad_bottom), (pad_left, pad_right) = padding
   sizes = (ctypes.c_int64 * 16)(n, h, w, in_channels, out_channels, groups, kh, kw, oh, ow,
                                 *strides, pad_top, pad_bottom, pad_left, pad_right)
-  function = ctypes.CDLL(LIBRARY).ConvImplementation
+  function = library().ConvImplementation
   function.restype = ctypes.c_char_p
   return function(ctypes.c_int64(PASSES.index(pass_name)), sizes).decode()

@@ -63,6 +63,17 @@ const dnnl::engine& Engine() {
   return *engine;
 }
 
+// Sets `entry`'s primitive from its descriptor `pd`, with `weights`, the layout it reads or
+// writes the kernel in.
+template <typename Primitive>
+void SetPrimitive(const typename Primitive::primitive_desc& pd, const memory::desc& weights,
+                  Entry* entry) {
+  entry->primitive = Primitive(pd);
+  entry->primitive_weights = weights;
+  entry->scratchpad = pd.scratchpad_desc();
+  entry->implementation = pd.impl_info_str();
+}
+
 Entry MakeEntry(Pass pass, const Geometry& g) {
   const Dims activation_dims = {g.n, g.ic, g.h, g.w};
   const Dims output_dims = {g.n, g.oc, g.oh, g.ow};
@@ -84,26 +95,18 @@ Entry MakeEntry(Pass pass, const Geometry& g) {
   Entry entry;
   entry.user_weights = user_weights;
   if (pass == Pass::kForward) {
-    entry.primitive = dnnl::convolution_forward(forward);
-    entry.primitive_weights = forward.weights_desc();
-    entry.scratchpad = forward.scratchpad_desc();
-    entry.implementation = forward.impl_info_str();
+    SetPrimitive<dnnl::convolution_forward>(forward, forward.weights_desc(), &entry);
   } else if (pass == Pass::kInputGradient) {
     auto backward = dnnl::convolution_backward_data::primitive_desc(
         engine, dnnl::algorithm::convolution_direct, src, any_weights, dst, strides, padding_l,
         padding_r, forward, attr);
-    entry.primitive = dnnl::convolution_backward_data(backward);
-    entry.primitive_weights = backward.weights_desc();
-    entry.scratchpad = backward.scratchpad_desc();
-    entry.implementation = backward.impl_info_str();
+    SetPrimitive<dnnl::convolution_backward_data>(backward, backward.weights_desc(), &entry);
   } else {
     auto backward = dnnl::convolution_backward_weights::primitive_desc(
         engine, dnnl::algorithm::convolution_direct, src, any_weights, dst, strides, padding_l,
         padding_r, forward, attr);
-    entry.primitive = dnnl::convolution_backward_weights(backward);
-    entry.primitive_weights = backward.diff_weights_desc();
-    entry.scratchpad = backward.scratchpad_desc();
-    entry.implementation = backward.impl_info_str();
+    SetPrimitive<dnnl::convolution_backward_weights>(backward, backward.diff_weights_desc(),
+                                                     &entry);
   }
   entry.reorder_weights = entry.primitive_weights != user_weights;
   if (entry.reorder_weights) {
