@@ -32,6 +32,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax._src import clusters as jax_clusters
 from jax.experimental import multihost_utils
 import ml_collections
 from ml_collections import config_flags
@@ -89,12 +90,12 @@ def initialize_distributed(coordinator_address: Optional[str], num_processes: Op
                            process_id: Optional[int], initialization_timeout: int,
                            heartbeat_timeout: int) -> None:
   """Joins this process to a multi-process run (`jax.distributed.initialize`): with the three
-  launch settings given, or with none (Cloud TPU, SLURM and Open MPI provide them). ValueError
-  for a partial or inconsistent launch, or, with the coordinator's address given, for a
-  coordinator not reached (on process 0: processes that did not arrive) within
-  `initialization_timeout` seconds. Once running, every process stops (exit status 134, "the
-  JAX distributed service detected fatal errors") within `heartbeat_timeout` seconds of the death
-  of another."""
+  launch settings given, or with none (Cloud TPU, Slurm and Open MPI provide them). ValueError
+  for a partial or inconsistent launch, or, with the coordinator's address given or taken from
+  Slurm, for a coordinator not reached (on process 0: processes that did not arrive) within
+  `initialization_timeout` seconds (`slurm_process_settings` says which devices a Slurm task
+  uses). Once running, every process stops (exit status 134, "the JAX distributed service
+  detected fatal errors") within `heartbeat_timeout` seconds of the death of another."""
   given = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
            'process_id': process_id}
   if any(v is None for v in given.values()) and any(v is not None for v in given.values()):
@@ -105,15 +106,42 @@ def initialize_distributed(coordinator_address: Optional[str], num_processes: Op
                      f'{", ".join(missing)} missing.')
   if num_processes is not None and not 0 <= process_id < num_processes:
     raise ValueError(f'process_id={process_id} must be in [0, num_processes={num_processes}).')
+  from_slurm = coordinator_address is None and jax_clusters.SlurmCluster.is_env_present()
+  local_device_ids = None
+  if from_slurm:
+    coordinator_address, num_processes, process_id, local_device_ids = slurm_process_settings()
   if coordinator_address is not None:
     # JAX aborts the process (no exception, no names) when a process is missing at its start-up.
     if process_id == 0:
-      wait_for_processes(coordinator_address, num_processes, initialization_timeout)
+      wait_for_processes(coordinator_address, num_processes, initialization_timeout,
+                         SLURM_ADVICE if from_slurm else FLAGS_ADVICE)
     else:
       wait_for_coordinator(coordinator_address, process_id, initialization_timeout)
-  jax.distributed.initialize(coordinator_address, num_processes, process_id,
+  jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids,
+                             cluster_detection_method='deactivate' if from_slurm else None,
                              initialization_timeout=initialization_timeout,
                              heartbeat_timeout_seconds=heartbeat_timeout)
+
+
+def slurm_process_settings() -> tuple[str, int, int, Optional[list[int]]]:
+  """(coordinator address, number of processes, this process's id, its local GPUs) of a task
+  started by srun, as JAX's Slurm detection gives them: the step's first node at a port that
+  follows from the job id (or $JAX_COORDINATOR_PORT), SLURM_NTASKS, SLURM_PROCID; and with
+  several tasks on a node, GPU SLURM_LOCALID for each, but with one task per node all of the
+  node's devices (None), where JAX would keep GPU 0 only."""
+  slurm = jax_clusters.SlurmCluster
+  address = slurm.get_coordinator_address(timeout_secs=None, override_coordinator_port=
+                                          os.environ.get('JAX_COORDINATOR_PORT'))
+  num_processes = slurm.get_process_count()
+  one_per_node = num_processes == int(os.environ.get('SLURM_STEP_NUM_NODES', num_processes))
+  local_device_ids = None if one_per_node else [slurm.get_local_process_id()]
+  return address, num_processes, slurm.get_process_id(), local_device_ids
+
+
+FLAGS_ADVICE = ('start them with the same --coordinator_address and --num_processes and their '
+                'own --process_id')
+SLURM_ADVICE = ('check that Slurm started every task of the step (srun, --ntasks; the tasks\' '
+                'logs) and that no other job uses the port')
 
 
 def host_and_port(address: str) -> tuple[str, int]:
@@ -123,10 +151,12 @@ def host_and_port(address: str) -> tuple[str, int]:
   return host.strip('[]'), int(port)
 
 
-def wait_for_processes(address: str, num_processes: int, timeout: float) -> None:
+def wait_for_processes(address: str, num_processes: int, timeout: float,
+                       advice: str = FLAGS_ADVICE) -> None:
   """On process 0, before JAX's own start-up: listens on `address`'s port until processes 1 to
   `num_processes` - 1 have announced themselves (`wait_for_coordinator`), then lets them go on.
-  ValueError naming the processes that did not arrive within `timeout` seconds."""
+  ValueError naming the processes that did not arrive within `timeout` seconds, with `advice`
+  on how they are started."""
   _, port = host_and_port(address)
   if socket.has_dualstack_ipv6():  # JAX's service listens on [::]:port, IPv4 included
     server = socket.create_server(('::', port), family=socket.AF_INET6, dualstack_ipv6=True)
@@ -153,8 +183,7 @@ def wait_for_processes(address: str, num_processes: int, timeout: float) -> None
     if missing:
       raise ValueError(
           f'Process(es) {", ".join(map(str, missing))} of {num_processes} did not join the run '
-          f'coordinated here at {address} within {timeout:g} s: start them with the same '
-          '--coordinator_address and --num_processes and their own --process_id, and check that '
+          f'coordinated here at {address} within {timeout:g} s: {advice}, and check that '
           f'port {port} of this host is reachable from theirs (--initialization_timeout).')
     for connection in arrived.values():
       try:

@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
 # Creates .venv with the pinned requirements (CPU build of jax), builds the oneDNN convolution
-# library (models/native/build.sh; needs g++) and, where apt-get can be used,
-# installs Debian's dataset-fashion-mnist (the original Fashion-MNIST files, for the offline
-# quickstart). Set SKIP_APT=1 to leave the system packages alone.
+# library (models/native/build.sh; needs g++) and, where apt-get can be used, installs the Debian
+# packages the tests use: dataset-fashion-mnist (the original Fashion-MNIST files, for the offline
+# quickstart) and a Slurm (slurmctld, slurmd, slurm-client, munge) that tests/test_slurm.py starts
+# as a single-node cluster in a temporary directory (tools/single_node_slurm.py). Set SKIP_APT=1
+# to leave the system alone.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${SKIP_APT:-}" ]; then
+packages=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || packages+=(dataset-fashion-mnist)
+for program in slurmctld slurmd sbatch munged; do
+  if ! command -v "$program" >/dev/null && ! [ -x "/usr/sbin/$program" ]; then
+    packages+=(slurmctld slurmd slurm-client munge)
+    break
+  fi
+done
+if [ ${#packages[@]} -gt 0 ] && [ -z "${SKIP_APT:-}" ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
-      || echo "setup.sh: could not install dataset-fashion-mnist; TFDS will download Fashion-MNIST instead." >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null) \
+      || echo "setup.sh: could not install ${packages[*]}: TFDS will download Fashion-MNIST, and the Slurm tests skip." >&2
   else
-    echo "setup.sh: not root or no apt-get: skipping dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist)." >&2
+    echo "setup.sh: not root or no apt-get: skipping ${packages[*]} (sudo apt-get install ${packages[*]})." >&2
   fi
 fi
 

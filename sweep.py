@@ -48,6 +48,7 @@ from configs import default
 import distillation
 import hugepages
 import models
+import slurm_launch
 import workdirs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -227,15 +228,21 @@ def status(run_dir: str) -> str:
 
 
 def run_point(point: Point, workdir: str, command: list[str]) -> str:
-  """Runs `command` for `point` unless it has finished; its output goes to train.log (on
-  object storage, which has no appends, uploaded when the run ends)."""
+  """Runs `command` for `point` unless it has finished; its output goes to train.log."""
   run_dir = os.path.join(workdir, point.name)
   if status(run_dir) == 'done':
     return 'skipped (done)'
+  return outcome(run_dir, run_command(command, run_dir))
+
+
+def run_command(command: list[str], run_dir: str, log_name: str = 'train.log') -> int:
+  """Runs `command` (a main.py run of `run_dir`) from the repository root with its output
+  appended to `run_dir`/`log_name` (on object storage, which has no appends, uploaded when the
+  run ends); returns its exit status. A FAILED mark of an earlier attempt goes first."""
   run_path = workdirs.path_of(run_dir)
   run_path.mkdir(parents=True, exist_ok=True)
   (run_path / 'FAILED').unlink(missing_ok=True)
-  log_path = run_path / 'train.log'
+  log_path = run_path / log_name
   local = workdirs.is_local(run_dir)
   with open(log_path, 'a') if local else tempfile.TemporaryFile('w+') as log:
     returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -244,8 +251,14 @@ def run_point(point: Point, workdir: str, command: list[str]) -> str:
       log.seek(0)
       earlier = log_path.read_text() if log_path.exists() else ''
       workdirs.write_atomic(log_path, earlier + log.read())
+  return returncode
+
+
+def outcome(run_dir: str, returncode: int) -> str:
+  """'done' if the run in `run_dir` ended with status 0 and a final evaluation; otherwise
+  'failed (...)', marked by a FAILED file there."""
   if returncode != 0 or status(run_dir) != 'done':
-    workdirs.write_atomic(run_path / 'FAILED', f'exit status {returncode}\n')
+    workdirs.write_atomic(workdirs.path_of(run_dir) / 'FAILED', f'exit status {returncode}\n')
     return f'failed (exit status {returncode}; see {run_dir}/train.log)'
   return 'done'
 
@@ -281,9 +294,11 @@ def read_plan(workdir: str) -> list[dict]:
 
 
 def collect(workdir: str) -> list[dict]:
-  """Writes DIR/results.csv, DIR/results.md and the plots; returns the rows."""
+  """Writes DIR/results.csv, DIR/results.md and the plots; returns the rows. A point's status is
+  done, failed, interrupted or pending, or queued or running while its Slurm job is there."""
   plan = read_plan(workdir)
   published = {_published_key(p): p for p in read_published()}
+  in_queue = slurm_launch.point_queue_states(workdir) if workdirs.is_local(workdir) else {}
   rows = []
   for entry in plan:
     run_dir = os.path.join(workdir, entry['name'])
@@ -291,6 +306,8 @@ def collect(workdir: str) -> list[dict]:
     point = entry['identity']
     row.update(run=entry['name'], status=status(run_dir),
                **{k: point[k] for k in IDENTITY if k != 'dataset'})
+    if row['status'] != 'done' and entry['name'] in in_queue:
+      row['status'] = in_queue[entry['name']]
     row.update(entry.get('complexity', {}))
     paper = published.get(_published_key(point))
     if paper:
@@ -483,6 +500,56 @@ def _save_figure(fig, ax, xlabel: str, path_stem: str) -> None:
   plt.close(fig)
 
 
+def slurm_resources(f) -> slurm_launch.Resources:
+  """What each point asks of Slurm, from the --slurm_* flags."""
+  return slurm_launch.Resources(
+      partition=f.slurm_partition, account=f.slurm_account, qos=f.slurm_qos,
+      time_minutes=f.slurm_time, nodes=f.slurm_nodes, tasks_per_node=f.slurm_tasks_per_node,
+      gpus_per_node=f.slurm_gpus_per_node, cpus_per_task=f.slurm_cpus_per_task, mem=f.slurm_mem,
+      signal_delay_s=f.slurm_signal_delay, sbatch_options=tuple(f.slurm_option),
+      setup=tuple(f.slurm_setup))
+
+
+def job_name(workdir: str) -> str:
+  """The Slurm job name of a sweep: its directory's name."""
+  return f'sweep-{folder_name(workdir)}'
+
+
+def launch_on_slurm(points: list[Point], workdir: str, command, resources: slurm_launch.Resources,
+                    max_parallel: int, wait: bool) -> None:
+  """Submits every point that is neither done nor in Slurm's queue as one job array (at most
+  `max_parallel` running at once; 0: no limit); with `wait`, follows the array until it has left
+  the queue, then collects and exits with 1 if a point did not finish."""
+  in_queue = slurm_launch.point_queue_states(workdir)
+  records = slurm_launch.read_records(workdir)
+  tasks = {}
+  for point in points:
+    run_dir = os.path.join(workdir, point.name)
+    if status(run_dir) == 'done':
+      print(f'{point.name}: skipped (done)')
+    elif point.name in in_queue:
+      print(f'{point.name}: {in_queue[point.name]} as job {records[point.name]}, not submitted '
+            'again')
+    else:
+      tasks[point.name] = slurm_launch.PointTask(run_dir, tuple(command(point)))
+  if tasks:
+    submitted = slurm_launch.submit(tasks, workdir, resources, max_parallel or len(tasks),
+                                    job_name(workdir))
+    for name, job in submitted.items():
+      print(f'{name}: submitted as job {job}', flush=True)
+  if not wait:
+    print(f'Follow the points with: python sweep.py --collect={workdir}')
+    return
+  slurm_launch.wait(workdir, [p.name for p in points], lambda line: print(line, flush=True))
+  rows = collect(workdir)
+  print(markdown_table(rows), end='')
+  unfinished = [r['run'] for r in rows if r['status'] != 'done']
+  if unfinished:
+    print(f'{len(unfinished)} point(s) did not finish: {", ".join(unfinished)}; rerun the same '
+          'command to submit them again (finished points are skipped).')
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -501,6 +568,7 @@ def main(argv):
                          '(or --collect=DIR).')
   if f.launch == 'tpu' and not (f.tpu_name and f.zone):
     raise app.UsageError('--launch=tpu needs --tpu_name and --zone.')
+  resources = slurm_resources(f)
   unreadable = None  # why --dry_run cannot read the sweep directory, which it only reports
   try:
     points = expand(f.config)
@@ -513,14 +581,18 @@ def main(argv):
       unreadable = e
     else:
       check_workdir(points, f.workdir)
+    if f.launch == 'slurm' and not f.dry_run:
+      slurm_launch.check_cluster(resources, f.workdir)
   except ValueError as e:
     raise SystemExit(f'error: {e}') from None
-  workdir = (os.path.abspath(f.workdir) if f.launch == 'local' and workdirs.is_local(f.workdir)
+  workdir = (os.path.abspath(f.workdir) if f.launch != 'tpu' and workdirs.is_local(f.workdir)
              else f.workdir)
 
   def command(point):
     if f.launch == 'local':
       return point.command(workdir, sys.executable)
+    if f.launch == 'slurm':
+      return point.command(workdir, sys.executable, distributed=resources.tasks > 1)
     remote = ' '.join(shlex.quote(a) for a in point.command(workdir, 'python3', distributed=True))
     return ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', f.tpu_name, f'--zone={f.zone}',
             '--worker=all', f'--command=cd {shlex.quote(f.tpu_repo_dir)} && {remote}']
@@ -535,6 +607,10 @@ def main(argv):
       print(f'{point.name}: {c["macs"] / 1e6:.1f} M MAdds, {c["params"] / 1e6:.2f} M params')
       if f.dry_run:
         print('  ' + ' '.join(shlex.quote(a) for a in command(point)))
+    if f.dry_run and f.launch == 'slurm':
+      print('The sbatch file of the job array (submitit); each task runs its point\'s command:')
+      print(slurm_launch.sbatch_script(resources, f.max_parallel or len(points),
+                                       job_name(workdir), workdir, len(points)))
     if unreadable is not None:
       print(f'warning: {unreadable} The plan above is neither saved there nor checked against '
             'the runs it may hold.')
@@ -544,6 +620,9 @@ def main(argv):
     return
 
   save_plan(points, workdir)
+  if f.launch == 'slurm':
+    launch_on_slurm(points, workdir, command, resources, f.max_parallel, f.wait)
+    return
   outcomes = {}
   for i, point in enumerate(points, 1):
     print(f'[{i}/{len(points)}] {point.name} ...', flush=True)
@@ -573,11 +652,37 @@ if __name__ == '__main__':
   flags.DEFINE_bool('export', False, 'Export every finished point to LiteRT (float and int8), '
                     'time both and evaluate the int8 file (export.py); with --collect, for a '
                     'sweep that has run.')
-  flags.DEFINE_enum('launch', 'local', ['local', 'tpu'],
-                    'local: run each point here; tpu: on every worker of a Cloud TPU VM slice.')
+  flags.DEFINE_enum('launch', 'local', ['local', 'tpu', 'slurm'],
+                    'local: run each point here, one after another; tpu: on every worker of a '
+                    'Cloud TPU VM slice; slurm: every point a task of one Slurm job array.')
   flags.DEFINE_string('tpu_name', None, '--launch=tpu: the TPU VM name.')
   flags.DEFINE_string('zone', None, '--launch=tpu: the TPU VM zone.')
   flags.DEFINE_string('tpu_repo_dir', 'mobilenets',
                       '--launch=tpu: this repository on the TPU VM workers, relative to the '
                       'home directory or absolute (set up there with setup.sh).')
+  flags.DEFINE_integer('max_parallel', 0, '--launch=slurm: at most this many points running at '
+                       'once (0: no limit).', lower_bound=0)
+  flags.DEFINE_bool('wait', False, '--launch=slurm: follow the job array until it has left the '
+                    'queue, then collect (otherwise: submit and return).')
+  flags.DEFINE_string('slurm_partition', None, '--launch=slurm: the partition (sbatch '
+                      '--partition; default: the cluster\'s default).')
+  flags.DEFINE_string('slurm_account', None, '--launch=slurm: sbatch --account.')
+  flags.DEFINE_string('slurm_qos', None, '--launch=slurm: sbatch --qos.')
+  flags.DEFINE_integer('slurm_time', 24 * 60, '--launch=slurm: time limit of a point, minutes; '
+                       'a point that reaches it is checkpointed, requeued and resumed.',
+                       lower_bound=1)
+  flags.DEFINE_integer('slurm_nodes', 1, '--launch=slurm: nodes per point.', lower_bound=1)
+  flags.DEFINE_integer('slurm_tasks_per_node', 1, '--launch=slurm: main.py processes per node '
+                       '(one per node sees all its GPUs).', lower_bound=1)
+  flags.DEFINE_integer('slurm_gpus_per_node', 0, '--launch=slurm: GPUs per node.', lower_bound=0)
+  flags.DEFINE_integer('slurm_cpus_per_task', None, '--launch=slurm: CPUs per task.',
+                       lower_bound=1)
+  flags.DEFINE_string('slurm_mem', None, '--launch=slurm: memory per node (sbatch --mem, '
+                      'e.g. 200G).')
+  flags.DEFINE_integer('slurm_signal_delay', 120, '--launch=slurm: seconds before the time limit '
+                       'at which a point gets SIGTERM to checkpoint.', lower_bound=1)
+  flags.DEFINE_multi_string('slurm_option', [], '--launch=slurm: any other sbatch option, as '
+                            'name=value (repeatable): --slurm_option=constraint=a100.')
+  flags.DEFINE_multi_string('slurm_setup', [], '--launch=slurm: a shell line run before the '
+                            'point starts (repeatable): --slurm_setup="module load cuda".')
   app.run(main, flags_parser=cli.parse_flags)
