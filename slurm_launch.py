@@ -27,6 +27,7 @@ import time
 from typing import Callable, Optional
 
 import submitit
+from submitit.core import utils as submitit_utils
 from submitit.slurm import slurm as submitit_slurm
 
 import workdirs
@@ -217,11 +218,17 @@ def sbatch_script(resources: Resources, max_parallel: int, job_name: str, workdi
 def submit(tasks: dict[str, PointTask], workdir: str, resources: Resources,
            max_parallel: int, job_name: str) -> dict[str, str]:
   """Submits `tasks` ({point name: its task}) as one job array; records and returns
-  {point name: array task id}."""
+  {point name: array task id}. ValueError, with nothing submitted or recorded, if sbatch refuses
+  it (an unknown account or QOS, a time above the partition's limit)."""
   executor = submitit.SlurmExecutor(folder=os.path.join(workdir, SLURM_DIR, '%j'))
   executor.update_parameters(**resources.submitit_parameters(max_parallel, job_name))
-  with executor.batch():
-    jobs = {name: executor.submit(task) for name, task in tasks.items()}
+  try:
+    with executor.batch():
+      jobs = {name: executor.submit(task) for name, task in tasks.items()}
+  except submitit_utils.FailedJobError as e:  # sbatch refused the array: nothing was submitted
+    sbatch_said = (str(e).strip().splitlines() or ['no output'])[0]
+    raise ValueError(f'sbatch refused the job array ({sbatch_said}): check the --slurm_* '
+                     'settings.') from None
   submitted = {name: job.job_id for name, job in jobs.items()}
   workdirs.write_json_atomic(records_path(workdir), {**read_records(workdir), **submitted})
   return submitted

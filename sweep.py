@@ -625,7 +625,10 @@ def main(argv):
 
   save_plan(points, workdir)
   if f.launch == 'slurm':
-    launch_on_slurm(points, workdir, command, resources, f.max_parallel, f.wait)
+    try:
+      launch_on_slurm(points, workdir, command, resources, f.max_parallel, f.wait)
+    except ValueError as e:
+      raise SystemExit(f'error: {e}') from None
     return
   outcomes = {}
   for i, point in enumerate(points, 1):

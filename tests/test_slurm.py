@@ -282,6 +282,14 @@ def test_bad_slurm_launches_are_one_line_before_anything_is_submitted(slurm, tmp
       "error: Slurm has no partition 'gpu' (it has debug): check --slurm_partition."]
   assert not (tmp_path / 'out' / 'slurm').exists()
   assert slurm.run('squeue', '--noheader').stdout == ''
+  refused = sweep_cli(slurm.env, f'--config={sweep_file}', f'--workdir={tmp_path / "out"}',
+                      '--launch=slurm', '--slurm_option=bogus=1')
+  assert refused.returncode == 1
+  assert refused.stderr.strip().splitlines()[-1] == (
+      "error: sbatch refused the job array (sbatch: unrecognized option '--bogus=1'): check the "
+      '--slurm_* settings.')
+  assert not (tmp_path / 'out' / 'slurm' / 'jobs.json').exists()
+  assert slurm.run('squeue', '--noheader').stdout == ''
 
 
 def test_a_slurm_dry_run_shows_the_array_and_each_task_s_command(tmp_path):
