@@ -18,8 +18,9 @@ import pytest
 
 import slurm_launch
 from tools import single_node_slurm
-from tests.helpers import ROOT, read_jsonl, run_tool, train_command, write_tiny_config_file
+from tests.helpers import ROOT, run_tool, train_command, write_tiny_config_file
 from tests import test_multiprocess
+from tests.test_multiprocess import train_losses
 import workdirs
 
 pytestmark = pytest.mark.slow
@@ -71,11 +72,6 @@ def assert_same_params(run_dir, reference):
   ours, theirs = flat_params(run_dir), flat_params(reference)
   assert ours.keys() == theirs.keys()
   assert all(np.array_equal(ours[k], theirs[k]) for k in ours), 'parameters differ'
-
-
-def train_losses(run_dir) -> dict:
-  return {r['step']: r['loss'] for r in read_jsonl(f'{run_dir}/metrics.jsonl')
-          if r['split'] == 'train'}
 
 
 def signal_after_checkpoint(slurm, sweep_dir, point: str, step: int) -> None:
