@@ -9,11 +9,17 @@ import ml_collections
 from models.mobilenet_v1 import MobileNetV1
 from models.mobilenet_v2 import MobileNetV2
 from models.shufflenet import ShuffleNet
+from models.shufflenet_structures import STRUCTURES
+from models.squeezenet import SqueezeNet
+from models.xception import Xception
 
 MODELS = {
     'mobilenet_v1': MobileNetV1,
     'mobilenet_v2': MobileNetV2,
     'shufflenet': ShuffleNet,
+    'squeezenet': SqueezeNet,
+    'xception': Xception,
+    **STRUCTURES,
 }
 
 

@@ -1,7 +1,7 @@
-"""Building blocks shared by MobileNet V1, MobileNet V2 and ShuffleNet.
+"""Building blocks shared by every network here.
 
-Every network here is a stack of `ConvBN` blocks (convolution -> BatchNorm -> optional activation)
-followed by `ClassifierHead`. Depthwise and grouped convolutions are `nn.Conv` with
+Every network is a stack of `ConvBN` blocks (convolution -> BatchNorm -> optional activation;
+SqueezeNet's have a bias instead of BatchNorm) followed by a classifier head. Depthwise and grouped convolutions are `nn.Conv` with
 `feature_group_count` on GPUs and TPUs, and the same computation by oneDNN (`OneDNNConv`) or as
 shifted products (`ShiftedConv`) on the CPU (`Backbone.conv_impl`); all tensors are NHWC.
 """
@@ -154,7 +154,8 @@ def conv_module(conv_impl: str) -> ModuleDef:
 
 
 class ConvBN(nn.Module):
-  """Convolution -> BatchNorm -> activation (`act=None` for a linear block).
+  """Convolution -> BatchNorm -> activation (`act=None` for a linear block; `norm=None` for none,
+  as Xception's depthwise convolutions and the layers of SqueezeNet, which has no BatchNorm).
 
   `groups` is the convolution's `feature_group_count`: 1 for a full or pointwise convolution,
   the channel count for a depthwise one (see `depthwise`), g for ShuffleNet's group convolutions.
@@ -163,7 +164,7 @@ class ConvBN(nn.Module):
   features: int
   kernel_size: int
   conv: ModuleDef
-  norm: ModuleDef
+  norm: Optional[ModuleDef]
   padding: Callable[[int], Padding] = same_padding
   strides: int = 1
   groups: int = 1
@@ -175,8 +176,9 @@ class ConvBN(nn.Module):
     x = self.conv(
         self.features, (self.kernel_size, self.kernel_size), (self.strides, self.strides),
         padding=self.padding(self.kernel_size), feature_group_count=self.groups, name='conv')(x)
-    scale_init = nn.initializers.zeros if self.zero_scale else nn.initializers.ones
-    x = self.norm(scale_init=scale_init, name='bn')(x)
+    if self.norm is not None:
+      scale_init = nn.initializers.zeros if self.zero_scale else nn.initializers.ones
+      x = self.norm(scale_init=scale_init, name='bn')(x)
     return x if self.act is None else self.act(x)
 
 
@@ -217,10 +219,12 @@ class ClassifierHead(nn.Module):
 
 
 class Backbone(nn.Module):
-  """Fields and layer defaults shared by the three networks.
+  """Fields and layer defaults shared by every network.
 
   Subclasses implement `features(x, conv_bn)` returning the last feature map, and list the stride-2
-  layers they remove when `small_input` is set (CIFAR-style adaptation, off by default).
+  layers they remove when `small_input` is set (CIFAR-style adaptation, off by default). A network
+  without BatchNorm sets `batch_norm = False` (its convolutions get biases); one whose classifier
+  is not `ClassifierHead` overrides `head`.
   """
   num_classes: int = 1000
   alpha: float = 1.0
@@ -244,6 +248,7 @@ class Backbone(nn.Module):
   full_stride = 32
   small_input_stride = 8
   padding = staticmethod(same_padding)
+  batch_norm = True
 
   def __post_init__(self):
     if not self.alpha > 0:
@@ -282,20 +287,27 @@ class Backbone(nn.Module):
 
   def conv_bn(self, train: bool):
     """`ConvBN` with this network's padding, dtype and BatchNorm settings bound in."""
-    conv = functools.partial(conv_module(self.conv_impl), use_bias=False, dtype=self.dtype,
-                             kernel_init=conv_kernel_init)
+    conv = functools.partial(conv_module(self.conv_impl), use_bias=not self.batch_norm,
+                             dtype=self.dtype, kernel_init=conv_kernel_init)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
         epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.axis_name)
+    if not self.batch_norm:
+      norm = None
     return functools.partial(ConvBN, conv=conv, norm=norm, padding=self.padding)
 
   def features(self, x, conv_bn):
     raise NotImplementedError
 
+  def head(self, x, conv_bn, train: bool):
+    """The logits (float32) of the last feature map."""
+    del conv_bn
+    return ClassifierHead(self.num_classes, self.dropout_rate, self.dtype, name='head')(x, train)
+
   @nn.compact
   def __call__(self, x, train: bool):
     self.check_image_size(min(x.shape[1:3]))
     x = jnp.asarray(x, self.dtype)
-    x = self.features(x, self.conv_bn(train))
-    return ClassifierHead(self.num_classes, self.dropout_rate, self.dtype, name='head')(x, train)
+    conv_bn = self.conv_bn(train)
+    return self.head(self.features(x, conv_bn), conv_bn, train)
 

@@ -1,0 +1,237 @@
+"""The seed deck's other networks: SqueezeNet and Xception against their peers with the same
+weights, the counts of the official files, and ShuffleNet Table 4's structures and widths."""
+
+import functools
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+import torch
+from pytorchcv.models import squeezenet as pytorchcv_squeezenet
+
+import complexity
+import models
+from configs import shufflenet, shufflenet_table4, squeezenet, xception
+from models import shufflenet_structures
+from models import squeezenet as squeezenet_model
+from tests.helpers import random_variables
+
+
+def logits_of(config, variables, images):
+  model = models.get_model(config)
+  return np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables, images))
+
+
+def assert_same_logits(ours, theirs):
+  scale = np.abs(theirs).max()
+  assert scale > 0.1 and np.abs(theirs).min() < 0.5 * scale  # spread-out logits
+  assert np.abs(ours - theirs).max() <= 1e-4 * scale, np.abs(ours - theirs).max() / scale
+
+
+@pytest.mark.parametrize('version,bypass,params', [
+    ('1.0', 'none', 1_248_424), ('1.1', 'none', 1_235_496), ('1.0', 'simple', 1_248_424),
+    ('1.0', 'complex', 1_248_424 + 341_248), ('1.1', 'complex', 1_235_496 + 337_152)])
+def test_squeezenet_parameters_of_the_official_files(version, bypass, params):
+  config = squeezenet.get_config(f'version={version},bypass={bypass}')
+  assert complexity.analyze(models.get_model(config), 227).params == params
+
+
+def test_xception_parameters_of_table_3():
+  """22,855,952 trainable parameters (Table 3) and Keras's 54,528 BatchNorm statistics."""
+  config = xception.get_config()
+  model = models.get_model(config)
+  assert complexity.analyze(model, 299).params == 22_855_952
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32))
+  assert sum(math.prod(s.shape) for s in jax.tree.leaves(shapes['batch_stats'])) == 54_528
+
+
+def pytorchcv_name(module: str, version: str) -> str:
+  """pytorchcv's name of our SqueezeNet module ('fire5/squeeze' -> 'features.stage2.unit1.squeeze'
+  in v1.0): its stage i holds the Fire modules after the i-th max pool."""
+  if module == 'conv1':
+    return 'features.init_block'
+  if module == 'head/classifier':
+    return 'output.final_conv'
+  fire, part = module.split('/')
+  stage, unit = 1, 0
+  for number in range(2, int(fire[4:]) + 1):
+    unit += 1
+    if number - 1 in squeezenet_model.VERSIONS[version][2][1:]:
+      stage, unit = stage + 1, 1
+  return f'features.stage{stage}.unit{unit}.{part}'
+
+
+def pytorchcv_squeezenet_variables(peer, config):
+  """Our variables holding `peer`'s weights."""
+  shapes = jax.eval_shape(functools.partial(models.get_model(config).init, train=False),
+                          jax.random.key(0), jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+  theirs = {k: t.numpy() for k, t in peer.state_dict().items()}
+  flat = {}
+  for path, shape in flax.traverse_util.flatten_dict(shapes['params']).items():
+    module = '/'.join(p for p in path[:-1] if p != 'conv')
+    name = pytorchcv_name(module, config.model.version)
+    if not name.startswith('output'):
+      name += '.conv'
+    value = theirs.pop(f'{name}.{"weight" if path[-1] == "kernel" else "bias"}')
+    value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+    assert value.shape == shape.shape, (path, value.shape, shape.shape)
+    flat[path] = value
+  assert not theirs, sorted(theirs)
+  return {'params': flax.traverse_util.unflatten_dict(flat)}
+
+
+@pytest.mark.parametrize('peer_name,version,bypass', [
+    ('squeezenet_v1_0', '1.0', 'none'), ('squeezenet_v1_1', '1.1', 'none'),
+    ('squeezeresnet_v1_0', '1.0', 'simple')])
+def test_squeezenet_equals_pytorchcv(peer_name, version, bypass):
+  """pytorchcv's SqueezeNets with random weights and biases give our logits with their weights,
+  at 224 px, where the max pools' rounding up matters (109 -> 54 -> 27 -> 13 in v1.0)."""
+  torch.manual_seed(0)
+  peer = getattr(pytorchcv_squeezenet, peer_name)(num_classes=10).eval()
+  with torch.no_grad():
+    for name, tensor in peer.named_parameters():
+      if name.endswith('bias'):
+        tensor.normal_(0.1, 0.1)
+  config = squeezenet.get_config(f'version={version},bypass={bypass},res=224')
+  config.num_classes = 10
+  variables = pytorchcv_squeezenet_variables(peer, config)
+  images = np.random.default_rng(1).normal(0, 1, (2, 224, 224, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = peer(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+  assert_same_logits(logits_of(config, variables, images), expected)
+
+
+def keras_xception_weights(variables: dict, peer) -> None:
+  """Sets Keras `peer`'s weights to ours: layers by name (our 'block2/sepconv1/depthwise' is
+  Keras's 'block2_sepconv1' depthwise kernel); the unnamed shortcut convolutions and their
+  BatchNorms by their shapes, which differ."""
+  flat = flax.traverse_util.flatten_dict(variables)
+  by_layer = {}
+  for (collection, *module, leaf), value in flat.items():
+    value = np.asarray(value)
+    if module[0] == 'head':
+      by_layer[('predictions', leaf)] = value
+      continue
+    layer = '_'.join(m for m in module[:-1] if m not in ('depthwise', 'pointwise'))
+    if module[-1] == 'bn':
+      keras_leaf = {'scale': 'gamma', 'bias': 'beta', 'mean': 'moving_mean',
+                    'var': 'moving_variance'}[leaf]
+      by_layer[(layer + '_bn', keras_leaf)] = value
+    elif module[-2] == 'depthwise':
+      by_layer[(layer, 'depthwise_kernel')] = value.transpose(0, 1, 3, 2)
+    else:
+      by_layer[(layer, 'pointwise_kernel' if module[-2] == 'pointwise' else 'kernel')] = value
+  shortcuts = {v.shape[-1]: k[0] for k, v in by_layer.items() if k[0].endswith('shortcut')}
+  for layer in peer.layers:
+    name = layer.name
+    if name.startswith(('conv2d', 'batch_normalization')):
+      name = shortcuts[layer.weights[0].shape[-1]] + ('_bn' if 'batch' in name else '')
+    layer.set_weights([by_layer.pop((name, w.name)) for w in layer.weights])
+  assert not by_layer, sorted(by_layer)
+
+
+@pytest.mark.parametrize('res', [71, 100])
+def test_xception_equals_keras(res):
+  """Keras applications' Xception with our random weights and BatchNorm statistics gives our
+  logits (71 px is its smallest input; at 100 px the 'SAME' pools of 24 px pad unevenly)."""
+  config = xception.get_config(f'res={res}')
+  config.num_classes = 10
+  variables = random_variables(models.get_model(config), res, random_batchnorm=True)
+  peer = keras.applications.Xception(weights=None, input_shape=(res, res, 3), classes=10,
+                                     classifier_activation=None)
+  keras_xception_weights(variables, peer)
+  images = np.random.default_rng(2).normal(0, 1, (2, res, res, 3)).astype(np.float32)
+  expected = np.asarray(peer(images, training=False))
+  assert_same_logits(logits_of(config, variables, images), expected)
+
+
+STRUCTURES = [(unit, scale) for unit in ('vgg', 'resnet', 'resnext') for scale in (1.0, 0.5, 0.25)]
+
+
+def structure_macs(unit, scale, stage4_channels=None):
+  config = shufflenet_table4.get_config(f'unit={unit},scale={scale}')
+  widths = shufflenet_structures.STAGE4_CHANNELS[unit]
+  original = widths[scale]
+  widths[scale] = stage4_channels or original
+  try:
+    return complexity.analyze(models.get_model(config), 224).macs / 1e6
+  finally:
+    widths[scale] = original
+
+
+@pytest.mark.parametrize('unit,scale', STRUCTURES)
+def test_table4_widths_are_nearest_the_level_in_ratio(unit, scale):
+  """Each structure's Stage 4 width is the one of its grid whose MFLOPs are nearest in ratio to
+  the level's 140, 38 or 13 (models/shufflenet_structures.py)."""
+  target = shufflenet_structures.COMPLEXITY_MFLOPS[scale]
+  channels = shufflenet_structures.STAGE4_CHANNELS[unit][scale]
+  step = shufflenet_structures.WIDTH_GRID[unit]
+  miss = {c: abs(math.log(structure_macs(unit, scale, c) / target))
+          for c in (channels - step, channels, channels + step)}
+  assert min(miss, key=miss.get) == channels, miss
+
+
+def test_table4_stage4_widths_at_38_mflops():
+  """Section 4.2: at 38 MFLOPs, Stage 4 has 50 (VGG-like), 192 (ResNet), 192 (ResNeXt) and 288
+  (Xception-like, ShuffleNet g = 1 at 0.5x) channels."""
+  def stage4_width(config):
+    shapes = jax.eval_shape(functools.partial(models.get_model(config).init, train=False),
+                            jax.random.key(0), jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+    return shapes['params']['head']['classifier']['kernel'].shape[0]
+  widths = [stage4_width(shufflenet_table4.get_config(f'unit={unit},scale=0.5'))
+            for unit in ('vgg', 'resnet', 'resnext')]
+  assert widths + [stage4_width(shufflenet.get_config('groups=1,scale=0.5'))] == [50, 192, 192, 288]
+
+
+def test_table4_units():
+  """VGG-like: two 3x3 convolutions and no shortcut; ResNet: bottleneck C / 4 with a projection
+  in stride-2 units only; ResNeXt: bottleneck C / 2 in 16 groups (Stage 2's 24 -> 32)."""
+  def params(unit):
+    config = shufflenet_table4.get_config(f'unit={unit},scale=0.5')
+    return jax.eval_shape(functools.partial(models.get_model(config).init, train=False),
+                          jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))['params']
+  vgg, resnet, resnext = params('vgg'), params('resnet'), params('resnext')
+  assert set(vgg['stage2_unit1']) == {'conv1', 'conv2'}
+  assert vgg['stage4_unit1']['conv1']['conv']['kernel'].shape == (3, 3, 25, 50)
+  assert resnet['stage2_unit1']['projection']['conv']['kernel'].shape == (1, 1, 12, 48)
+  assert 'projection' not in resnet['stage2_unit2']
+  assert resnet['stage4_unit2']['conv']['conv']['kernel'].shape == (3, 3, 48, 48)
+  assert resnext['stage2_unit2']['conv']['conv']['kernel'].shape == (3, 3, 2, 32)
+  assert resnext['stage4_unit2']['conv']['conv']['kernel'].shape == (3, 3, 6, 96)
+
+
+@pytest.mark.parametrize('setting,value,message', [
+    ('model.alpha', 0.75, 'not a complexity level'),
+    ('model.zero_init_residual', True, 'has none'),
+])
+def test_table4_bad_settings(setting, value, message):
+  config = shufflenet_table4.get_config('unit=vgg')
+  config.model[setting.split('.')[1]] = value
+  with pytest.raises(ValueError, match=message):
+    models.get_model(config)
+
+
+@pytest.mark.parametrize('config,setting,value,message', [
+    (squeezenet.get_config(), 'version', '1.2', 'model.version must be one of 1.0, 1.1'),
+    (squeezenet.get_config(), 'bypass', 'full', 'model.bypass must be one of none, simple'),
+    (squeezenet.get_config(), 'alpha', 0.5, 'no width multiplier'),
+    (xception.get_config(), 'alpha', 0.5, 'no width multiplier'),
+    (xception.get_config(), 'small_input', True, 'no small_input'),
+])
+def test_seed_networks_bad_settings(config, setting, value, message):
+  config.model[setting] = value
+  with pytest.raises(ValueError, match=message):
+    models.get_model(config)
+
+
+def test_squeezenet_image_size_error():
+  config = squeezenet.get_config('res=16')
+  with pytest.raises(ValueError, match='image_size=16 is too small for SqueezeNet 1.0: use '
+                                       'image_size >= 21'):
+    models.get_model(config)
