@@ -59,7 +59,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 PUBLISHED = os.path.join(ROOT, 'configs', 'sweeps', 'published.csv')
 COLUMNS = ('run', 'model', 'alpha', 'groups', 'image_size', 'variant', 'macs', 'params', 'top1',
            'top5', 'ema_top1', 'train_images_per_sec', 'wall_time_sec', 'compile_sec', 'eval_sec',
-           'checkpoint_sec', 'status', 'paper_label', 'paper_madds_millions', 'paper_top1',
+           'checkpoint_sec', 'status', 'paper_label', 'paper_madds_millions',
+           'paper_params_millions', 'paper_top1',
            'latency_ms', 'int8_latency_ms', 'int8_top1', 'tflite_bytes', 'int8_tflite_bytes',
            'latency_cpu')
 EXPORT_DIR = 'export'  # DIR/<run>/export/: the LiteRT files of --export and export.json
@@ -71,6 +72,7 @@ IDENTITY = ('dataset', 'model', 'alpha', 'groups', 'image_size', 'variant')
 SHORT_NAMES = {'model.alpha': 'a', 'model.groups': 'g', 'image_size': 'r',
                'model.channel_shuffle': 'shuffle', 'model.se_reduction': 'se',
                'model.bottleneck_activation': 'bottleneck_', 'model.shortcut': 'shortcut_',
+               'model.version': 'v', 'model.bypass': 'bypass_',
                'distill.teacher': 'kd_', 'distill.temperature': 'T', 'distill.weight': 'kdw',
                'distill.teacher_ema': 'kd_ema', 'distill.teacher_image_size': 'kd_r'}
 # Varied paths named by their last component ('none' where empty): 'kd_none', 'kd_teacher'.
@@ -126,12 +128,14 @@ def set_field(config: ml_collections.ConfigDict, field: str, value) -> None:
 
 
 def run_name(config: ml_collections.ConfigDict, fields) -> str:
-  """'mobilenet_v2-a0.5-r160', 'shufflenet-g3-a0.5-r224', plus any other varied field except
-  UNNAMED_FIELDS (characters other than letters, digits, '.' and '_' become '_'; PATH_FIELDS by
-  their last component)."""
+  """'mobilenet_v2-a0.5-r160', 'shufflenet-g3-a0.5-r224', 'squeezenet-v1.1-a1-r227', plus any
+  other varied field except UNNAMED_FIELDS (characters other than letters, digits, '.' and '_'
+  become '_'; PATH_FIELDS by their last component)."""
   identity = ['model.alpha', 'image_size']
   if config.model.name == 'shufflenet':
     identity.insert(0, 'model.groups')
+  if config.model.name == 'squeezenet':
+    identity.insert(0, 'model.version')
   parts = [config.model.name]
   for field in identity + [f for f in fields if f not in identity + list(UNNAMED_FIELDS)]:
     short_name = SHORT_NAMES.get(field, field.split('.')[-1])
@@ -267,8 +271,10 @@ def outcome(run_dir: str, returncode: int) -> str:
   return 'done'
 
 
-def save_plan(points: list[Point], workdir: str, complexities: Optional[dict] = None) -> None:
-  """DIR/sweep.json: the points (and MAdds/params when known), so --collect needs no config."""
+def save_plan(points: list[Point], workdir: str, complexities: Optional[dict] = None,
+              published: tuple[str, ...] = ()) -> None:
+  """DIR/sweep.json: the points (and MAdds/params when known) and the sources of the papers' rows
+  of other networks to show beside them (`published`), so --collect needs no config."""
   workdirs.path_of(workdir).mkdir(parents=True, exist_ok=True)
   path = workdirs.path_of(workdir) / 'sweep.json'
   old = {}
@@ -282,7 +288,7 @@ def save_plan(points: list[Point], workdir: str, complexities: Optional[dict] = 
       entry['complexity'] = known
     entry['identity'] = identity(point.config())
     plan.append(entry)
-  workdirs.write_json_atomic(path, {'points': plan})
+  workdirs.write_json_atomic(path, {'points': plan, 'published': list(published)})
 
 
 def read_plan(workdir: str) -> list[dict]:
@@ -297,9 +303,47 @@ def read_plan(workdir: str) -> list[dict]:
   return points
 
 
+def check_published_sources(sources) -> None:
+  """ValueError for a sweep's `published` source that no row of published.csv has."""
+  known = {part for row in read_published() for part in source_parts(row)}
+  unknown = [source for source in sources if source not in known]
+  if unknown:
+    raise ValueError(f'The sweep\'s published source {unknown[0]!r} is not a source of '
+                     f'{PUBLISHED}; its sources are: {", ".join(sorted(known))}.')
+
+
+def source_parts(row: dict) -> list[str]:
+  """The tables a row of published.csv comes from ('MobileNet V1 Table 9; SqueezeNet Table 2')."""
+  return [part.strip() for part in row['source'].split(';')]
+
+
+def paper_only_rows(workdir: str, plan: list[dict]) -> list[dict]:
+  """Rows of published.csv whose source the sweep lists in `published` and that match none of its
+  points (the papers' rows of networks not built here): status 'published', paper columns only."""
+  sources = json.loads((workdirs.path_of(workdir) / 'sweep.json').read_text()).get('published', [])
+  points = {_published_key(entry['identity']) for entry in plan}
+  rows = []
+  for paper in read_published():
+    if set(source_parts(paper)) & set(sources) and _published_key(paper) not in points:
+      row = dict.fromkeys(COLUMNS)
+      row.update(run='', model=paper['model'], alpha=float(paper['alpha']),
+                 groups=int(paper['groups']) if paper['groups'] else None,
+                 image_size=int(paper['image_size']), variant=paper['variant'], status='published',
+                 **paper_columns(paper))
+      rows.append(row)
+  return rows
+
+
+def paper_columns(paper: dict) -> dict:
+  return dict(paper_label=paper['label'], paper_madds_millions=_number(paper['madds_millions']),
+              paper_params_millions=_number(paper['params_millions']),
+              paper_top1=_number(paper['top1']))
+
+
 def collect(workdir: str) -> list[dict]:
   """Writes DIR/results.csv, DIR/results.md and the plots; returns the rows. A point's status is
-  done, failed, interrupted or pending, or queued or running while its Slurm job is there."""
+  done, failed, interrupted or pending, or queued or running while its Slurm job is there; the
+  papers' rows of other networks that the sweep lists come last, as 'published'."""
   plan = read_plan(workdir)
   published = {_published_key(p): p for p in read_published()}
   in_queue = slurm_launch.point_queue_states(workdir) if workdirs.is_local(workdir) else {}
@@ -315,8 +359,7 @@ def collect(workdir: str) -> list[dict]:
     row.update(entry.get('complexity', {}))
     paper = published.get(_published_key(point))
     if paper:
-      row.update(paper_label=paper['label'], paper_madds_millions=_number(paper['madds_millions']),
-                 paper_top1=_number(paper['top1']))
+      row.update(paper_columns(paper))
     if row['status'] == 'done':
       results = workdirs.read_results(run_dir)
       row.update(macs=results['macs'], params=results['params'], top1=results['final_top1'],
@@ -328,6 +371,7 @@ def collect(workdir: str) -> list[dict]:
     if row['status'] == 'done' and exported.exists():
       row.update({k: v for k, v in json.loads(exported.read_text()).items() if k in COLUMNS})
     rows.append(row)
+  rows += paper_only_rows(workdir, plan)
   table = io.StringIO(newline='')
   writer = csv.DictWriter(table, COLUMNS)
   writer.writeheader()
@@ -365,7 +409,7 @@ def markdown_table(rows: list[dict]) -> str:
   """The collected table; with the papers' label, MAdds and top-1 where a row matches."""
   header = ('run', 'model', 'alpha', 'groups', 'image size', 'variant', 'MAdds (M)',
             'params (M)', 'top-1 %', 'top-5 %', 'EMA top-1 %', 'train img/s', 'wall time',
-            'status', 'paper', 'paper MAdds (M)', 'paper top-1 %')
+            'status', 'paper', 'paper MAdds (M)', 'paper params (M)', 'paper top-1 %')
   exported = any(r['latency_ms'] is not None for r in rows)
   if exported:
     header += ('latency ms', 'int8 latency ms', 'int8 top-1 %', 'file kB', 'int8 file kB')
@@ -379,13 +423,30 @@ def markdown_table(rows: list[dict]) -> str:
              number(r['params'], 1e-6, 2), number(r['top1'], 100, 2), number(r['top5'], 100, 2),
              number(r['ema_top1'], 100, 2), number(r['train_images_per_sec'], 1, 0), wall,
              r['status'], r['paper_label'] or '', number(r['paper_madds_millions'], 1, 0),
-             number(r['paper_top1'], 1, 1))
+             number(r['paper_params_millions'], 1, 2), number(r['paper_top1'], 1, 1))
     if exported:
       cells += (number(r['latency_ms'], 1, 3), number(r['int8_latency_ms'], 1, 3),
                 number(r['int8_top1'], 100, 2), number(r['tflite_bytes'], 1e-3, 0),
                 number(r['int8_tflite_bytes'], 1e-3, 0))
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return '\n'.join(lines) + '\n' + seed_summary(rows)
+
+
+def complexity_table(rows: list[dict]) -> str:
+  """Our MAdds and parameters beside the papers' (and their top-1) for every row, and the papers'
+  rows of other networks: what --complexity_only prints."""
+  lines = ['| run | model | alpha | groups | image size | variant | MAdds (M) | params (M) | paper | '
+           'paper MAdds (M) | paper params (M) | paper top-1 % |', '|' + '---|' * 12]
+  def number(value, scale=1.0, digits=1):
+    return '' if value is None else f'{value * scale:.{digits}f}'
+  for r in rows:
+    cells = (r['run'], r['model'], f'{r["alpha"]:g}', '' if r['groups'] is None else r['groups'],
+             r['image_size'], r['variant'] or '', number(r['macs'], 1e-6),
+             number(r['params'], 1e-6, 2), r['paper_label'] or '',
+             number(r['paper_madds_millions'], 1, 0), number(r['paper_params_millions'], 1, 2),
+             number(r['paper_top1'], 1, 1))
+    lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
+  return '\n'.join(lines) + '\n'
 
 
 def seed_summary(rows: list[dict]) -> str:
@@ -447,7 +508,8 @@ def plot(rows: list[dict], path_stem: str) -> None:
       for r, xi, yi in zip(finished, x, y):
         ax.annotate(f'{r["alpha"]:g}/{r["image_size"]}', (xi, yi), textcoords='offset points',
                     xytext=(4, 4), fontsize=7)
-    paper = [r for r in members if r['paper_top1'] is not None]
+    paper = [r for r in members
+             if r['paper_top1'] is not None and r['paper_madds_millions'] is not None]
     if paper:
       ax.scatter([r['paper_madds_millions'] for r in paper], [r['paper_top1'] for r in paper],
                  marker='x', color=color, label=f'{name}, published')
@@ -576,6 +638,8 @@ def main(argv):
   unreadable = None  # why --dry_run cannot read the sweep directory, which it only reports
   try:
     points = expand(f.config)
+    published = tuple(f.config.get('published', ()))
+    check_published_sources(published)
     check_points(points)
     try:
       workdirs.check_readable(f.workdir)
@@ -605,12 +669,11 @@ def main(argv):
     complexities = {p.name: {k: v for k, v in complexity.summary(p.config()).items()
                              if k in ('macs', 'params')} for p in points}
     if unreadable is None:
-      save_plan(points, workdir, complexities)
-    for point in points:
+      save_plan(points, workdir, complexities, published)
+    for point in points if f.dry_run else ():
       c = complexities[point.name]
       print(f'{point.name}: {c["macs"] / 1e6:.1f} M MAdds, {c["params"] / 1e6:.2f} M params')
-      if f.dry_run:
-        print('  ' + ' '.join(shlex.quote(a) for a in command(point)))
+      print('  ' + ' '.join(shlex.quote(a) for a in command(point)))
     if f.dry_run and f.launch == 'slurm':
       print('The sbatch file of the job array (submitit); each task runs its point\'s command:')
       print(slurm_launch.sbatch_script(resources, f.max_parallel or len(points),
@@ -619,11 +682,11 @@ def main(argv):
       print(f'warning: {unreadable} The plan above is neither saved there nor checked against '
             'the runs it may hold.')
     if f.complexity_only:
-      collect(workdir)
+      print(complexity_table(collect(workdir)), end='')
       print(f'Wrote {workdir}/results.csv and results.md.')
     return
 
-  save_plan(points, workdir)
+  save_plan(points, workdir, published=published)
   if f.launch == 'slurm':
     try:
       launch_on_slurm(points, workdir, command, resources, f.max_parallel, f.wait)

@@ -101,7 +101,7 @@ def train_step(state: TrainState, batch, teacher_variables, *, schedule, config,
       parts = {'label_loss': loss, 'soft_loss': distillation.soft_target_loss(
           logits, teacher_logits, config.distill.temperature).mean()}
       loss = (1 - config.distill.weight) * loss + config.distill.weight * parts['soft_loss']
-    return loss, (logits, updates['batch_stats'], parts)
+    return loss, (logits, updates.get('batch_stats', {}), parts)
 
   (loss, (logits, batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)

@@ -72,7 +72,8 @@ def new_train_state(apply_fn, variables: dict, tx: optax.GradientTransformation,
   """A step-0 TrainState of `variables` ({'params', 'batch_stats'}, and 'ema_params' and
   'ema_batch_stats' where a checkpoint had them); with `keep_ema`, moving averages, which start
   at the weights where `variables` has none."""
-  params, batch_stats = variables['params'], variables['batch_stats']
+  # A network without BatchNorm (SqueezeNet) has no statistics: an empty collection.
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
   ema_params = variables.get('ema_params') if keep_ema else None
   ema_batch_stats = variables.get('ema_batch_stats') if keep_ema else None
   if keep_ema and ema_params is None:

@@ -50,12 +50,13 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
 
 
 # The ablation settings of each network and the value that builds the paper's main network:
-# MobileNet V1 Tables 4 and 5, MobileNet V2 Figure 6, ShuffleNet Tables 3 and 5, SqueezeNet Table 3.
+# MobileNet V1 Tables 4 and 5, MobileNet V2 Figure 6, ShuffleNet Tables 3 and 5, SqueezeNet Table 3
+# (and its v1.1, which differs from the paper's network).
 ABLATIONS = {
     'mobilenet_v1': {'separable': True, 'shallow': False},
     'mobilenet_v2': {'bottleneck_activation': 'linear', 'shortcut': 'bottleneck'},
     'shufflenet': {'channel_shuffle': True, 'shallow': False, 'se_reduction': 0},
-    'squeezenet': {'bypass': 'none'},
+    'squeezenet': {'version': '1.0', 'bypass': 'none'},
 }
 ABLATION_FIELDS = tuple(sorted({f'model.{field}' for fields in ABLATIONS.values()
                                 for field in fields}))

@@ -13,11 +13,12 @@ def get_config(arg=None):
   config.model.version = args.version
   config.model.bypass = args.bypass
   config.model.dropout_rate = 0.5  # the official train_val.prototxt's drop9
-  # Caffe's 227 px crops with the ImageNet mean pixel subtracted and no scaling (104, 117, 123 in
-  # Caffe's BGR order).
+  # Caffe's 227 px crops. Caffe subtracted the mean pixel without scaling; these are torchvision's
+  # and pytorchcv's ImageNet means and deviations, as their SqueezeNet weights expect: unscaled
+  # inputs (+-128) diverged within 3 steps in short runs with this codebase's initialisation.
   config.image_size = args.res
-  config.normalization_mean = (123.0, 117.0, 104.0)
-  config.normalization_std = (1.0, 1.0, 1.0)
+  config.normalization_mean = (123.675, 116.28, 103.53)
+  config.normalization_std = (58.395, 57.12, 57.375)
 
   # The official solver.prototxt (both versions): SGD with momentum 0.9, lr 0.04 decayed linearly
   # to 0 ("poly", power 1) over 170,000 iterations of 32 x iter_size 16 = 512 images, weight decay

@@ -2,6 +2,7 @@
 weights, the counts of the official files, and ShuffleNet Table 4's structures and widths."""
 
 import functools
+import json
 import math
 
 import flax
@@ -15,10 +16,12 @@ from pytorchcv.models import squeezenet as pytorchcv_squeezenet
 
 import complexity
 import models
+import train
+from configs import default
 from configs import shufflenet, shufflenet_table4, squeezenet, xception
 from models import shufflenet_structures
 from models import squeezenet as squeezenet_model
-from tests.helpers import random_variables
+from tests.helpers import TINY, random_variables
 
 
 def logits_of(config, variables, images):
@@ -235,3 +238,21 @@ def test_squeezenet_image_size_error():
   with pytest.raises(ValueError, match='image_size=16 is too small for SqueezeNet 1.0: use '
                                        'image_size >= 21'):
     models.get_model(config)
+
+
+def test_squeezenet_trains_checkpoints_and_resumes_without_batchnorm(tmp_path):
+  """A network without BatchNorm statistics (an empty collection) trains, evaluates, keeps moving
+  averages, checkpoints and resumes through train.py."""
+  config = squeezenet.get_config('res=32')
+  for field, value in TINY.items():
+    if not field.startswith('model.'):
+      default.set_field(config, field, value)
+  config.learning_rate = 0.01
+  config.num_train_steps = 4
+  train.train_and_evaluate(config, str(tmp_path))
+  config.num_train_steps = 6
+  train.train_and_evaluate(config, str(tmp_path))
+  metrics = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  evals = [m for m in metrics if m['split'] == 'eval']
+  assert [m['step'] for m in evals] == [4, 6]
+  assert all(math.isfinite(m['loss']) and math.isfinite(m['ema_loss']) for m in evals)

@@ -45,7 +45,23 @@ TABLE_SWEEPS = {
     'mobilenet_v1_table4.py': [('Conv MobileNet', 71.7), ('1.0 MobileNet-224', 70.6)],
     'mobilenet_v1_table5.py': [('0.75 MobileNet-224', 68.4), ('Shallow MobileNet', 65.3)],
     'mobilenet_v1_table10.py': [('1.0 MobileNet-224', 83.3), ('0.75 MobileNet-224', 81.9),
-                                ('1.0 MobileNet-192', 81.9), ('0.75 MobileNet-192', 80.5)],
+                                ('1.0 MobileNet-192', 81.9), ('0.75 MobileNet-192', 80.5),
+                                ('Inception V3', 84.0)],
+    'mobilenet_v1_comparisons.py': [('1.0 MobileNet-224', 70.6), ('0.50 MobileNet-160', 60.2),
+                                    ('SqueezeNet', 57.5), ('GoogleNet', 69.8), ('VGG 16', 71.5),
+                                    ('AlexNet', 57.2)],
+    'squeezenet_paper.py': [('SqueezeNet', 57.5), ('SqueezeNet + Simple Bypass', 60.4),
+                            ('SqueezeNet + Complex Bypass', 58.8), (None, None), ('AlexNet', 57.2)],
+    'xception_paper.py': [('Xception', 79.0), ('VGG 16', 71.5), ('ResNet-152', 77.0),
+                          ('Inception V3', 78.2)],
+    'shufflenet_table4.py': [
+        ('VGG-like (140 MFLOPs)', 49.3), ('ResNet (140 MFLOPs)', 62.7), ('ResNet (38 MFLOPs)', 51.2),
+        ('ResNet (13 MFLOPs)', 36.3), ('ResNeXt (140 MFLOPs)', 66.7),
+        ('ResNeXt (38 MFLOPs)', 54.0), ('ResNeXt (13 MFLOPs)', 34.8),
+        ('ShuffleNet 1x (g = 1) = Xception-like', 66.4),
+        ('ShuffleNet 0.5x (g = 1) = Xception-like', 54.9),
+        ('ShuffleNet 0.25x (g = 1) = Xception-like', 42.9), ('ShuffleNet 1x (g = 8)', 67.6),
+        ('ShuffleNet 0.5x (g = 4)', 58.4), ('ShuffleNet 0.25x (g = 8)', 47.3)],
     'mobilenet_v2_figure6.py': [('MobileNetV2', 72.0), ('Relu6 in bottleneck', None),
                                 ('Shortcut between expansions', None), ('No residual', None)],
     'shufflenet_table3.py': [
@@ -65,13 +81,33 @@ TABLE_SWEEPS = {
 
 @pytest.mark.parametrize('name', sorted(TABLE_SWEEPS))
 def test_table_sweeps_are_the_papers_rows(name, tmp_path):
-  points = sweep.expand(sweep.load_config(os.path.join(ROOT, 'configs', 'sweeps', name)))
+  config = sweep.load_config(os.path.join(ROOT, 'configs', 'sweeps', name))
+  points = sweep.expand(config)
   sweep.check_points(points)
   assert all('/' not in p.name for p in points)
-  sweep.save_plan(points, str(tmp_path))
+  sweep.save_plan(points, str(tmp_path), published=tuple(config.get('published', ())))
   rows = sweep.collect(str(tmp_path))
   assert [(r['paper_label'], r['paper_top1']) for r in rows] == TABLE_SWEEPS[name]
+  # The papers' rows of networks not built here come last, with the paper's numbers only.
+  assert all(r['macs'] is None for r in rows if r['status'] == 'published')
+  assert [r['status'] for r in rows] == sorted((r['status'] for r in rows),
+                                               key=lambda s: s == 'published')
   assert 'paper top-1 %' in (tmp_path / 'results.md').read_text()
+
+
+def test_complexity_table_and_published_sources(tmp_path):
+  """--complexity_only's table: our MAdds and parameters beside the paper's; a sweep listing a
+  source that published.csv lacks is one error naming it."""
+  config = sweep.load_config(os.path.join(ROOT, 'configs', 'sweeps', 'squeezenet_paper.py'))
+  points = sweep.expand(config)
+  sweep.save_plan(points, str(tmp_path), {p.name: {'macs': 832_667_936, 'params': 1_248_424}
+                                          for p in points}, published=config.published)
+  table = sweep.complexity_table(sweep.collect(str(tmp_path))).splitlines()
+  assert table[2] == ('| squeezenet-v1.0-a1-r227-bypass_none | squeezenet | 1 |  | 227 |  | '
+                      '832.7 | 1.25 | SqueezeNet | 1700 | 1.25 | 57.5 |')
+  assert table[-1] == '|  | alexnet | 1 |  | 227 |  |  |  | AlexNet | 720 | 60.00 | 57.2 |'
+  with pytest.raises(ValueError, match="published source 'SqueezeNet Table 9' is not a source"):
+    sweep.check_published_sources(('SqueezeNet Table 2', 'SqueezeNet Table 9'))
 
 
 def test_published_rows_are_unique_and_name_real_settings():

@@ -1,7 +1,8 @@
 """MobileNet V1 Table 10: fine-tuning on Stanford Dogs (configs/stanford_dogs.py), 1.0 and 0.75
 MobileNet at 224 and 192 px, each from the ImageNet MobileNet of its alpha in PRETRAINED (relative
 to the repository root; convert the TF-slim checkpoints there first, README "Pretrained weights",
-or point PRETRAINED at your own runs).
+or point PRETRAINED at your own runs). Inception V3, the table's comparison, is shown from the
+paper.
 
     python sweep.py --config=configs/sweeps/mobilenet_v1_table10.py --workdir=DIR [--complexity_only]
 """
@@ -22,4 +23,5 @@ def get_config():
                ('init_from', tuple(PRETRAINED.format(alpha=alpha) for alpha, _ in ROWS))),
   })]
   sweep.overrides = ()
+  sweep.published = ('MobileNet V1 Table 10',)
   return sweep
