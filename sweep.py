@@ -64,6 +64,8 @@ COLUMNS = ('run', 'model', 'alpha', 'groups', 'image_size', 'variant', 'macs', '
            'latency_ms', 'int8_latency_ms', 'int8_top1', 'tflite_bytes', 'int8_tflite_bytes',
            'latency_cpu')
 EXPORT_DIR = 'export'  # DIR/<run>/export/: the LiteRT files of --export and export.json
+# DIR/latency/<run>/: the untrained LiteRT files of --latency_only and latency.json
+LATENCY_DIR = 'latency'
 # Varied fields left out of run names: paths, which follow from the settings that are named.
 UNNAMED_FIELDS = ('init_from',)
 SEED_PART = re.compile(r'-seed\d+')
@@ -368,8 +370,11 @@ def collect(workdir: str) -> list[dict]:
                  wall_time_sec=results['wall_time_sec'],
                  **{k: results.get(k) for k in ('compile_sec', 'eval_sec', 'checkpoint_sec')})
     exported = workdirs.path_of(run_dir) / EXPORT_DIR / 'export.json'
+    untrained = workdirs.path_of(workdir) / LATENCY_DIR / entry['name'] / 'latency.json'
     if row['status'] == 'done' and exported.exists():
       row.update({k: v for k, v in json.loads(exported.read_text()).items() if k in COLUMNS})
+    elif untrained.exists():
+      row.update({k: v for k, v in json.loads(untrained.read_text()).items() if k in COLUMNS})
     rows.append(row)
   rows += paper_only_rows(workdir, plan)
   table = io.StringIO(newline='')
@@ -379,9 +384,27 @@ def collect(workdir: str) -> list[dict]:
   workdirs.write_atomic(workdirs.path_of(workdir) / 'results.csv', table.getvalue())
   workdirs.write_atomic(workdirs.path_of(workdir) / 'results.md', markdown_table(rows))
   plot(rows, workdirs.path_of(workdir) / 'accuracy_vs_madds')
-  if any(r['latency_ms'] is not None for r in rows):
+  if any(r['latency_ms'] is not None and r['top1'] is not None for r in rows):
     plot_latency(rows, workdirs.path_of(workdir) / 'accuracy_vs_latency')
+  if any(r['latency_ms'] is not None for r in rows):
+    plot_latency_against_madds(rows, workdirs.path_of(workdir) / 'latency_vs_madds')
   return rows
+
+
+def untrained_latencies(points: list[Point], workdir: str, runs: int) -> None:
+  """Exports every point with untrained weights (float and int8 LiteRT files, export.py) into
+  DIR/latency/<run>/ and times both on one thread; points timed before are skipped."""
+  import export  # pylint: disable=g-import-not-at-top
+  if not workdirs.is_local(workdir):
+    raise ValueError(f'--latency_only writes LiteRT files: {workdir} must be a local directory.')
+  for i, point in enumerate(points, 1):
+    directory = os.path.join(workdir, LATENCY_DIR, point.name)
+    if os.path.exists(os.path.join(directory, 'latency.json')):
+      print(f'[{i}/{len(points)}] {point.name}: skipped (timed)', flush=True)
+      continue
+    result = export.untrained_latency(point.config(), directory, runs)
+    print(f'[{i}/{len(points)}] {point.name}: {result["latency_ms"]:.3f} ms float, '
+          f'{result["int8_latency_ms"]:.3f} ms int8', flush=True)
 
 
 def export_points(workdir: str) -> list[str]:
@@ -434,9 +457,14 @@ def markdown_table(rows: list[dict]) -> str:
 
 def complexity_table(rows: list[dict]) -> str:
   """Our MAdds and parameters beside the papers' (and their top-1) for every row, and the papers'
-  rows of other networks: what --complexity_only prints."""
-  lines = ['| run | model | alpha | groups | image size | variant | MAdds (M) | params (M) | paper | '
-           'paper MAdds (M) | paper params (M) | paper top-1 % |', '|' + '---|' * 12]
+  rows of other networks; with the latency of the exported files where they were timed: what
+  --complexity_only and --latency_only print."""
+  header = ('run', 'model', 'alpha', 'groups', 'image size', 'variant', 'MAdds (M)',
+            'params (M)', 'paper', 'paper MAdds (M)', 'paper params (M)', 'paper top-1 %')
+  timed = any(r['latency_ms'] is not None for r in rows)
+  if timed:
+    header += ('latency ms', 'int8 latency ms', 'file kB', 'int8 file kB')
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   def number(value, scale=1.0, digits=1):
     return '' if value is None else f'{value * scale:.{digits}f}'
   for r in rows:
@@ -445,6 +473,9 @@ def complexity_table(rows: list[dict]) -> str:
              number(r['params'], 1e-6, 2), r['paper_label'] or '',
              number(r['paper_madds_millions'], 1, 0), number(r['paper_params_millions'], 1, 2),
              number(r['paper_top1'], 1, 1))
+    if timed:
+      cells += (number(r['latency_ms'], 1, 3), number(r['int8_latency_ms'], 1, 3),
+                number(r['tflite_bytes'], 1e-3, 0), number(r['int8_tflite_bytes'], 1e-3, 0))
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -520,7 +551,7 @@ def plot_latency(rows: list[dict], path_stem: str) -> None:
   """Top-1 against the exported files' single-image latency (log axis), one line per family for
   the float files (top-1 of the JAX model, which they compute) and a dashed one for int8."""
   fig, ax = _new_figure()
-  exported = [r for r in rows if r['latency_ms'] is not None]
+  exported = [r for r in rows if r['latency_ms'] is not None and r['top1'] is not None]
   for name in sorted({family(r) for r in exported}):
     members = sorted((r for r in exported if family(r) == name), key=lambda r: r['latency_ms'])
     line, = ax.plot([r['latency_ms'] for r in members], [100 * r['top1'] for r in members],
@@ -536,6 +567,24 @@ def plot_latency(rows: list[dict], path_stem: str) -> None:
                + (f'; {cpu}' if cpu else ''), path_stem)
 
 
+def plot_latency_against_madds(rows: list[dict], path_stem: str) -> None:
+  """Single-image latency of the exported files (float: line, int8: dashed) against MAdds, log
+  axes, one line per family: where MAdds do and do not predict speed."""
+  fig, ax = _new_figure()
+  timed = [r for r in rows if r['latency_ms'] is not None and r['macs'] is not None]
+  for name in sorted({family(r) for r in timed}):
+    members = sorted((r for r in timed if family(r) == name), key=lambda r: r['macs'])
+    x = [r['macs'] / 1e6 for r in members]
+    line, = ax.plot(x, [r['latency_ms'] for r in members], marker='o', label=f'{name}, float')
+    ax.plot(x, [r['int8_latency_ms'] for r in members], marker='x', linestyle='--',
+            color=line.get_color(), label=f'{name}, int8')
+  ax.set_yscale('log')
+  cpu = timed[0]['latency_cpu'] if timed else None
+  _save_figure(fig, ax, 'Million Mult-Adds (log scale)', path_stem,
+               ylabel='Latency of one image, ms, one thread (log scale)'
+               + (f'\n{cpu}' if cpu else ''))
+
+
 def _new_figure():
   """A figure and axes of the sweep plots, drawn without a display."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -544,7 +593,8 @@ def _new_figure():
   return plt.subplots(figsize=(8, 5.5))
 
 
-def _save_figure(fig, ax, xlabel: str, path_stem: str) -> None:
+def _save_figure(fig, ax, xlabel: str, path_stem: str,
+                 ylabel: str = 'Top-1 accuracy (%)') -> None:
   """Log x axis with plain tick labels, grid, legend; writes path_stem.png and .svg."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
@@ -554,7 +604,7 @@ def _save_figure(fig, ax, xlabel: str, path_stem: str) -> None:
   for axis_ticks in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
     axis_ticks(ticker.FuncFormatter(lambda value, _: f'{value:g}'))
   ax.set_xlabel(xlabel)
-  ax.set_ylabel('Top-1 accuracy (%)')
+  ax.set_ylabel(ylabel)
   ax.grid(True, which='both', alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8)
@@ -665,7 +715,7 @@ def main(argv):
     return ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', f.tpu_name, f'--zone={f.zone}',
             '--worker=all', f'--command=cd {shlex.quote(f.tpu_repo_dir)} && {remote}']
 
-  if f.dry_run or f.complexity_only:
+  if f.dry_run or f.complexity_only or f.latency_only:
     complexities = {p.name: {k: v for k, v in complexity.summary(p.config()).items()
                              if k in ('macs', 'params')} for p in points}
     if unreadable is None:
@@ -681,7 +731,12 @@ def main(argv):
     if unreadable is not None:
       print(f'warning: {unreadable} The plan above is neither saved there nor checked against '
             'the runs it may hold.')
-    if f.complexity_only:
+    if f.latency_only:
+      try:
+        untrained_latencies(points, workdir, f.latency_runs)
+      except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    if f.complexity_only or f.latency_only:
       print(complexity_table(collect(workdir)), end='')
       print(f'Wrote {workdir}/results.csv and results.md.')
     return
@@ -718,6 +773,12 @@ if __name__ == '__main__':
   flags.DEFINE_bool('dry_run', False, 'List the points, MAdds, params and commands; run nothing.')
   flags.DEFINE_bool('complexity_only', False,
                     'Fill results.csv/results.md with MAdds and params only; train nothing.')
+  flags.DEFINE_bool('latency_only', False,
+                    'Export every point with untrained weights to LiteRT float and int8 files, '
+                    'time both on one thread (latency does not depend on the weights), and fill '
+                    'results.csv/results.md and latency_vs_madds.png; train nothing.')
+  flags.DEFINE_integer('latency_runs', 50, '--latency_only: timed single-image runs of each '
+                       'file.', lower_bound=1)
   flags.DEFINE_string('collect', None, 'Only collect DIR into results.csv/.md and the plot.')
   flags.DEFINE_bool('export', False, 'Export every finished point to LiteRT (float and int8), '
                     'time both and evaluate the int8 file (export.py); with --collect, for a '

@@ -1,9 +1,10 @@
 """Building blocks shared by every network here.
 
 Every network is a stack of `ConvBN` blocks (convolution -> BatchNorm -> optional activation;
-SqueezeNet's have a bias instead of BatchNorm) followed by a classifier head. Depthwise and grouped convolutions are `nn.Conv` with
-`feature_group_count` on GPUs and TPUs, and the same computation by oneDNN (`OneDNNConv`) or as
-shifted products (`ShiftedConv`) on the CPU (`Backbone.conv_impl`); all tensors are NHWC.
+SqueezeNet's have a bias instead of BatchNorm) followed by a classifier head. Depthwise and grouped
+convolutions are `nn.Conv` with `feature_group_count` on GPUs and TPUs, and the same computation by
+oneDNN (`OneDNNConv`) or as shifted products (`ShiftedConv`) on the CPU (`Backbone.conv_impl`); all
+tensors are NHWC.
 """
 
 import functools

@@ -1,14 +1,14 @@
 """The other structures of ShuffleNet's Table 4 (Zhang et al. 2017, section 4.2).
 
 "We use the overall network architecture as shown in Table 1. We replace the ShuffleNet units in
-Stage 2-4 with other structures, then adapt the number of channels to ensure the complexity
-remains unchanged." Each network here is ShuffleNet s x's layout (`models/shufflenet.py`: the
-3x3 stride-2 stem of int(24 s) channels, the max pool, Stages 2-4 of 1 + 3, 1 + 7 and 1 + 3 units
-at 28, 14 and 7 px, global pool, classifier) with one of these units:
+Stage 2-4 with other structures, then adapt the number of channels to ensure the complexity remains
+unchanged." Each network here is ShuffleNet s x's layout (`models/shufflenet.py`: the 3x3 stride-2
+stem of int(24 s) channels, the max pool, Stages 2-4 of 1 + 3, 1 + 7 and 1 + 3 units at 28, 14 and 7
+px, global pool, classifier) with one of these units:
 - `table4_vgg` (VGG-like): 3x3 conv (the unit's stride) -> BN -> ReLU -> 3x3 conv -> BN -> ReLU; no
   shortcut ("two-layer 3x3 convolutions ... we add a Batch Normalization layer after each").
-- `table4_resnet` (ResNet, "bottleneck ratio 1 : 4"): 1x1 conv to C / 4 -> BN -> ReLU -> 3x3 conv (the
-  unit's stride) -> BN -> ReLU -> 1x1 conv to C -> BN, added to the shortcut, ReLU.
+- `table4_resnet` (ResNet, "bottleneck ratio 1 : 4"): 1x1 conv to C / 4 -> BN -> ReLU -> 3x3 conv
+  (the unit's stride) -> BN -> ReLU -> 1x1 conv to C -> BN, added to the shortcut, ReLU.
 - `table4_resnext` (ResNeXt, "cardinality = 16 and bottleneck ratio = 1 : 2"): the same with C / 2
   bottleneck channels (rounded to a multiple of 16) and a 3x3 convolution of 16 groups.
 The fourth structure, Xception-like ("the same as ShuffleNet but without pointwise group
@@ -16,17 +16,18 @@ convolutions and shuffle"), is ShuffleNet with g = 1 (`shufflenet`, `groups=1`):
 Xception-like errors are Table 2's g = 1 errors.
 
 `alpha` is the ShuffleNet scale of the same complexity: 1 (140 MFLOPs), 0.5 (38) or 0.25 (13); the
-paper reports VGG-like at 140 only ("the accuracy is significantly worse" below). The paper gives neither the stride-2 shortcuts nor the widths
-except one check, "in the 38 MFLOPs level, output channels of Stage 4 ... for VGG-like, ResNet,
-ResNeXt, Xception-like ... are 50, 192, 192, 288". Here:
-- A stride-2 unit of ResNet and ResNeXt has the shortcut of those papers, a 1x1 stride-2
-  convolution -> BN (He et al. 2016, option B); the stride is on the 3x3 convolution, as in the
-  ShuffleNet unit; a VGG-like unit has no shortcut.
+paper reports VGG-like at 140 only ("the accuracy is significantly worse" below). The paper gives
+neither the stride-2 shortcuts nor the widths except one check, "in the 38 MFLOPs level, output
+channels of Stage 4 ... for VGG-like, ResNet, ResNeXt, Xception-like ... are 50, 192, 192, 288".
+Here:
+- A stride-2 unit of ResNet and ResNeXt has the shortcut of those papers, a 1x1 stride-2 convolution
+  -> BN (He et al. 2016, option B); the stride is on the 3x3 convolution, as in the ShuffleNet unit;
+  a VGG-like unit has no shortcut.
 - The stem follows ShuffleNet s x (24, 12 and 6 channels), the stages double (C / 4, C / 2, C for
   the Stage 4 width C), and C is the width whose complexity is nearest the level's in ratio (the
-  levels 140, 38 and 13 are a geometric series), on a grid that keeps every layer whole:
-  multiples of 16 for ResNet (Stage 2's bottleneck is C / 16), of 32 for ResNeXt (Stage 4's
-  bottleneck splits into 16 groups), of 2 for VGG-like.
+  levels 140, 38 and 13 are a geometric series), on a grid that keeps every layer whole: multiples
+  of 16 for ResNet (Stage 2's bottleneck is C / 16), of 32 for ResNeXt (Stage 4's bottleneck splits
+  into 16 groups), of 2 for VGG-like.
 This rule gives the paper's 50, 192 and 192 at 38 MFLOPs, and Xception-like is ShuffleNet g = 1 at
 0.5x, whose Stage 4 has the paper's 288. MFLOPs reached (tests/test_seed_networks.py checks the
 rule; docs/complexity.md lists them): VGG-like 138.1, 37.6, 12.7; ResNet 144.0, 38.1, 13.6;

@@ -13,11 +13,11 @@ fire2-3 16/64/64, fire4-5 32/128/128, fire6-7 48/192/192, fire8-9 64/256/256.
 - `version='1.1'` (the official `SqueezeNet_v1.1/README.md`): conv1 64 3x3/2, max pools after
   conv1, fire3 and fire5. 1,235,496 parameters.
 
-Both follow the official Caffe files where the paper is silent: convolutions without padding
-except the 3x3 expands (padding 1), and max pools that round their output size up (Caffe's rule;
+Both follow the official Caffe files where the paper is silent: convolutions without padding except
+the 3x3 expands (padding 1), and max pools that round their output size up (Caffe's rule;
 torchvision and pytorchcv use `ceil_mode=True`), implemented here by padding the bottom and right
-with -inf. The v1.0 prototxt pads `conv10`, a 1x1 convolution, by 1: that only adds a border of
-constant outputs ReLU(bias) to the global average, and v1.1, torchvision and pytorchcv do not
+(`ceil_max_pool`). The v1.0 prototxt pads `conv10`, a 1x1 convolution, by 1: that only adds a border
+of constant outputs ReLU(bias) to the global average, and v1.1, torchvision and pytorchcv do not
 have it, so `conv10` is unpadded in both versions.
 
 Section 6's bypass variants (Figure 2, Table 3) are settings of the same network:
@@ -26,10 +26,11 @@ Section 6's bypass variants (Figure 2, Table 3) are settings of the same network
 - `bypass='complex'` also adds bypasses around fire2, fire4, fire6 and fire8 through a 1x1
   convolution (with bias, no activation) to the module's output width. The paper says only that
   "complex bypass connections ... include a 1x1 convolution layer with the number of filters set
-  equal to the number of output channels"; its Figure 2 draws them on exactly these four modules.
-  It gives the model 7.7 MB against 4.8 MB, which no reading reproduces: these four convolutions
-  add 341,248 parameters in v1.0 (1.30 MiB; 337,152 in v1.1), bypasses with 1x1 convolutions on all eight Fire modules
-  would add 834,560 (3.18 MiB), and 7.7 - 4.8 MB is about 760,000 float32 parameters.
+  equal to the number of output channels"; its Figure 2 draws them on exactly these four modules. It
+  gives the model 7.7 MB against 4.8 MB, which no reading reproduces: these four convolutions add
+  341,248 parameters in v1.0 (1.30 MiB; 337,152 in v1.1), bypasses with 1x1 convolutions on all
+  eight Fire modules would add 834,048 (3.18 MiB), and 7.7 - 4.8 MB is about 760,000 float32
+  parameters.
 """
 
 import flax.linen as nn
@@ -47,12 +48,14 @@ SIMPLE_BYPASS_MODULES = (3, 5, 7, 9)
 
 
 def ceil_max_pool(x):
-  """3x3 stride-2 max pool whose output size is rounded up (Caffe), from a -inf padded input."""
+  """3x3 stride-2 max pool whose output size is rounded up (Caffe). The input is padded at the
+  bottom and right with copies of its last row and column, which the last window holds already,
+  so the maxima are unchanged (and an int8 export sees no -inf)."""
   pads = [(0, 0)]
   for size in x.shape[1:3]:
     out = -(-(size - 3) // 2) + 1
     pads.append((0, max(0, (out - 1) * 2 + 3 - size)))
-  x = jnp.pad(x, pads + [(0, 0)], constant_values=-jnp.inf)
+  x = jnp.pad(x, pads + [(0, 0)], mode='edge')
   return nn.max_pool(x, (3, 3), (2, 2))
 
 

@@ -99,5 +99,6 @@ class Xception(layers.Backbone):
       x = MiddleBlock(conv_bn, name=f'block{block}')(x)
     x = StridedBlock(EXIT_BLOCK, conv_bn, name=f'block{5 + MIDDLE_BLOCKS}')(x)
     for i, channels in enumerate(EXIT_CONVS, start=1):
-      x = nn.relu(SeparableConvBN(channels, conv_bn, name=f'block{6 + MIDDLE_BLOCKS}_sepconv{i}')(x))
+      name = f'block{6 + MIDDLE_BLOCKS}_sepconv{i}'
+      x = nn.relu(SeparableConvBN(channels, conv_bn, name=name)(x))
     return x

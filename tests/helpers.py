@@ -1,7 +1,6 @@
 """What the tests share: the project root, the tiny synthetic training config, random weights,
 one way to run a tool of this project as a process and to read what a run wrote."""
 
-import functools
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import complexity
 from configs import default
 import models
+from models import random_variables  # pylint: disable=unused-import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,33 +53,6 @@ def write_tiny_config_file(path, **overrides) -> str:
     f.write(TINY_CONFIG_FILE.format(arg=TINY_BASE.partition(':')[2],
                                     settings={**TINY, **overrides}))
   return str(path)
-
-
-def random_variables(model, res, seed=0, random_batchnorm=False):
-  """Variables of `model` with He-normal kernels drawn with NumPy, and fresh BatchNorm state
-  (scale and variance 1, bias and mean 0) or, with `random_batchnorm`, random BatchNorm
-  parameters and statistics (to test that they fold correctly).
-
-  `model.init` compiles one random-number kernel per parameter, which takes 10-20 s per variant on
-  a 2-core CPU; the forward pass under test is the same whichever way the values were drawn.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32))
-  rng = np.random.default_rng(seed)
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      fan_out = np.prod(leaf.shape) // leaf.shape[-2]
-      return rng.normal(0, np.sqrt(2 / fan_out), leaf.shape).astype(np.float32)
-    if random_batchnorm:
-      if name in ('scale', 'var'):
-        return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-      return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
-    return np.full(leaf.shape, 1.0 if name in ('scale', 'var') else 0.0, np.float32)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def write_teacher(workdir, ema: bool = False, **overrides) -> str:

@@ -55,8 +55,8 @@ TABLE_SWEEPS = {
     'xception_paper.py': [('Xception', 79.0), ('VGG 16', 71.5), ('ResNet-152', 77.0),
                           ('Inception V3', 78.2)],
     'shufflenet_table4.py': [
-        ('VGG-like (140 MFLOPs)', 49.3), ('ResNet (140 MFLOPs)', 62.7), ('ResNet (38 MFLOPs)', 51.2),
-        ('ResNet (13 MFLOPs)', 36.3), ('ResNeXt (140 MFLOPs)', 66.7),
+        ('VGG-like (140 MFLOPs)', 49.3), ('ResNet (140 MFLOPs)', 62.7),
+        ('ResNet (38 MFLOPs)', 51.2), ('ResNet (13 MFLOPs)', 36.3), ('ResNeXt (140 MFLOPs)', 66.7),
         ('ResNeXt (38 MFLOPs)', 54.0), ('ResNeXt (13 MFLOPs)', 34.8),
         ('ShuffleNet 1x (g = 1) = Xception-like', 66.4),
         ('ShuffleNet 0.5x (g = 1) = Xception-like', 54.9),
@@ -368,3 +368,24 @@ def test_a_plan_of_an_earlier_version_is_one_clear_error(tmp_path):
   with pytest.raises(ValueError, match='written by an earlier version of sweep.py: run the sweep in a new --workdir'):
     sweep.collect(str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ['sweep.json']
+
+
+def test_latency_only_times_untrained_exports_without_training(tmp_path, capsys):
+  """--latency_only: float and int8 LiteRT files of untrained weights, timed, in DIR/latency/;
+  the table and latency_vs_madds plot get them; nothing trains and a rerun skips timed points."""
+  import export  # pylint: disable=g-import-not-at-top
+  points = sweep.expand(sweep_config({'base': 'configs/mobilenet_v1.py:alpha=0.25,res=32',
+                                      'mode': 'product', 'axes': (('model.alpha', (0.25,)),)}))
+  sweep.save_plan(points, str(tmp_path), {points[0].name: {'macs': 1, 'params': 1}})
+  sweep.untrained_latencies(points, str(tmp_path), runs=2)
+  directory = tmp_path / 'latency' / points[0].name
+  timed = json.loads((directory / 'latency.json').read_text())
+  assert timed['latency_ms'] > 0 and timed['int8_latency_ms'] > 0 and timed['runs'] == 2
+  assert 'int8' in export.ops_and_tensor_types(str(directory / 'model_int8.tflite'))[1]
+  [row] = sweep.collect(str(tmp_path))
+  assert row['latency_ms'] == timed['latency_ms'] and row['top1'] is None
+  assert row['status'] == 'pending' and not (tmp_path / points[0].name).exists()
+  assert (tmp_path / 'latency_vs_madds.png').stat().st_size > 1000
+  assert 'int8 latency ms' in sweep.complexity_table([row])
+  sweep.untrained_latencies(points, str(tmp_path), runs=2)
+  assert 'skipped (timed)' in capsys.readouterr().out

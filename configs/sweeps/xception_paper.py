@@ -1,5 +1,5 @@
-"""Xception Tables 1 and 3: Xception at 299 px with the paper's recipe (configs/xception.py); VGG-16,
-ResNet-152 and Inception V3, its comparisons, are shown from the paper.
+"""Xception Tables 1 and 3: Xception at 299 px with the paper's recipe (configs/xception.py);
+VGG-16, ResNet-152 and Inception V3, its comparisons, are shown from the paper.
 
     python sweep.py --config=configs/sweeps/xception_paper.py --workdir=DIR [--complexity_only]
 """
