@@ -153,8 +153,8 @@ class Runner:
     try:
       self.interpreter.allocate_tensors()
     except RuntimeError as e:
-      # XNNPACK refuses some int8 graphs (the 3x3 convolutions of 16 groups in ResNeXt-like
-      # units); LiteRT's builtin kernels run them, more slowly.
+      # XNNPACK refuses some int8 graphs ("failed to prepare": those of ShuffleNet Table 4's
+      # VGG-like, ResNet and ResNeXt structures); LiteRT's builtin kernels run them.
       logging.warning("%s: XNNPACK refused the graph (%s); running it on LiteRT's builtin "
                       'kernels.', path, ' '.join(str(e).split())[:200])
       self.interpreter = litert.Interpreter(

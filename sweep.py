@@ -567,22 +567,34 @@ def plot_latency(rows: list[dict], path_stem: str) -> None:
                + (f'; {cpu}' if cpu else ''), path_stem)
 
 
+def network(row: dict) -> str:
+  """The network of a row, whatever its width and resolution: model, ShuffleNet's groups and the
+  variant."""
+  groups = f' g={row["groups"]}' if row['model'] == 'shufflenet' else ''
+  return f'{row["model"]}{groups}' + (f', {row["variant"]}' if row.get('variant') else '')
+
+
 def plot_latency_against_madds(rows: list[dict], path_stem: str) -> None:
-  """Single-image latency of the exported files (float: line, int8: dashed) against MAdds, log
-  axes, one line per family: where MAdds do and do not predict speed."""
+  """Single-image latency of the exported files against MAdds, log axes: one colour per network
+  (every width and resolution), float files as dots and int8 files as crosses; where MAdds do and
+  do not predict speed."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
   fig, ax = _new_figure()
+  fig.set_size_inches(11, 6.5)
   timed = [r for r in rows if r['latency_ms'] is not None and r['macs'] is not None]
-  for name in sorted({family(r) for r in timed}):
-    members = sorted((r for r in timed if family(r) == name), key=lambda r: r['macs'])
+  names = sorted({network(r) for r in timed})
+  colors = matplotlib.colormaps['tab20'].resampled(max(len(names), 1))
+  for i, name in enumerate(names):
+    members = [r for r in timed if network(r) == name]
     x = [r['macs'] / 1e6 for r in members]
-    line, = ax.plot(x, [r['latency_ms'] for r in members], marker='o', label=f'{name}, float')
-    ax.plot(x, [r['int8_latency_ms'] for r in members], marker='x', linestyle='--',
-            color=line.get_color(), label=f'{name}, int8')
+    ax.scatter(x, [r['latency_ms'] for r in members], marker='o', color=colors(i), label=name)
+    ax.scatter(x, [r['int8_latency_ms'] for r in members], marker='x', color=colors(i))
   ax.set_yscale('log')
   cpu = timed[0]['latency_cpu'] if timed else None
+  ax.set_title('dots: float files, crosses: int8 files' + (f'; one thread of an {cpu}' if cpu
+                                                            else ''), fontsize=9)
   _save_figure(fig, ax, 'Million Mult-Adds (log scale)', path_stem,
-               ylabel='Latency of one image, ms, one thread (log scale)'
-               + (f'\n{cpu}' if cpu else ''))
+               ylabel='Latency of one image, ms (log scale)', legend_outside=True)
 
 
 def _new_figure():
@@ -593,9 +605,10 @@ def _new_figure():
   return plt.subplots(figsize=(8, 5.5))
 
 
-def _save_figure(fig, ax, xlabel: str, path_stem: str,
-                 ylabel: str = 'Top-1 accuracy (%)') -> None:
-  """Log x axis with plain tick labels, grid, legend; writes path_stem.png and .svg."""
+def _save_figure(fig, ax, xlabel: str, path_stem: str, ylabel: str = 'Top-1 accuracy (%)',
+                 legend_outside: bool = False) -> None:
+  """Log x axis with plain tick labels, grid, legend (inside, or right of the axes); writes
+  path_stem.png and .svg."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   ax.set_xscale('log')
@@ -607,7 +620,10 @@ def _save_figure(fig, ax, xlabel: str, path_stem: str,
   ax.set_ylabel(ylabel)
   ax.grid(True, which='both', alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
-    ax.legend(fontsize=8)
+    if legend_outside:
+      ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+    else:
+      ax.legend(fontsize=8)
   fig.tight_layout()
   for suffix in ('png', 'svg'):
     image = io.BytesIO()

@@ -165,3 +165,33 @@ def test_bad_input_is_one_clear_error_and_leaves_no_file(trained, tmp_path):
     assert run.returncode != 0 and message in run.stderr.strip().splitlines()[-1], run.stderr[-1500:]
   assert not output.exists() and not (tmp_path / 'out.json').exists()
   assert sorted(os.listdir(tmp_path)) == ['empty', 'fake.tflite']  # no temporary file left
+
+
+def test_a_graph_xnnpack_refuses_runs_on_the_builtin_kernels(tmp_path, monkeypatch, caplog):
+  """Where XNNPACK cannot prepare a file (it refuses the int8 files of ShuffleNet Table 4's
+  structures), the Runner says so in one warning line, runs LiteRT's builtin kernels, gives the
+  same logits, and the latency records which runtime timed it."""
+  from ai_edge_litert import interpreter as litert  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  directory = tmp_path / 'untrained'
+  export.untrained_latency(config, str(directory), runs=2)
+  path = str(directory / 'model_int8.tflite')
+  image = np.random.default_rng(0).normal(size=(32, 32, 3)).astype(np.float32)
+  expected = export.Runner(path).invoke(image)
+  real = litert.Interpreter
+  def refusing(*args, **kwargs):
+    interpreter = real(*args, **kwargs)
+    if 'experimental_op_resolver_type' not in kwargs:
+      def fail():
+        raise RuntimeError('failed to create XNNPACK runtimeNode number 9 (TfLiteXNNPackDelegate) '
+                           'failed to prepare.')
+      interpreter.allocate_tensors = fail
+    return interpreter
+  monkeypatch.setattr(litert, 'Interpreter', refusing)
+  with caplog.at_level('WARNING'):
+    runner = export.Runner(path)
+  assert runner.runtime == 'builtin kernels'
+  assert [r.getMessage().count('XNNPACK refused') for r in caplog.records] == [1]
+  np.testing.assert_allclose(runner.invoke(image), expected, rtol=0,
+                             atol=0.05 * np.abs(expected).max())
+  assert export.measure_latency(path, runs=2)['runtime'] == 'builtin kernels'

@@ -256,3 +256,28 @@ def test_squeezenet_trains_checkpoints_and_resumes_without_batchnorm(tmp_path):
   evals = [m for m in metrics if m['split'] == 'eval']
   assert [m['step'] for m in evals] == [4, 6]
   assert all(math.isfinite(m['loss']) and math.isfinite(m['ema_loss']) for m in evals)
+
+
+@pytest.mark.parametrize('config,res', [
+    (xception.get_config('res=32'), 32),
+    (shufflenet_table4.get_config('unit=vgg,scale=1.0'), 64),
+    (shufflenet_table4.get_config('unit=resnext,scale=0.25'), 64),
+    (squeezenet.get_config('version=1.1,bypass=complex'), 64),
+])
+def test_train_mode_forward_and_gradients_are_finite(config, res):
+  """Train mode (batch statistics, dropout) and the gradient of every parameter, at the smallest
+  inputs the networks take (Xception: 32 px; SqueezeNet 1.1 with complex bypass)."""
+  config.num_classes = 10
+  model = models.get_model(config)
+  variables = random_variables(model, res)
+  images = jax.random.normal(jax.random.key(0), (2, res, res, 3))
+  def loss(params):
+    logits, state = model.apply({**variables, 'params': params}, images, train=True,
+                                mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)})
+    return jnp.mean(logits ** 2), state
+  grads, state = jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  assert sum(float(np.abs(g).sum()) > 0 for g in jax.tree.leaves(grads)) == len(
+      jax.tree.leaves(grads))
+  assert jax.tree.structure(state.get('batch_stats', {})) == jax.tree.structure(
+      variables.get('batch_stats', {}))
