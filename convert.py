@@ -6,6 +6,10 @@ r"""Published weights to a workdir of ours, and our checkpoints back to Keras.
         --config=configs/mobilenet_v2.py --workdir=runs/keras_v2_1.0_224
     python convert.py --format=pytorchcv --source=shufflenet_g3_w1-xxxx.pth \
         --config=configs/shufflenet.py:groups=3 --workdir=runs/pytorchcv_g3
+    python convert.py --format=pytorchcv --source=squeezenet_v1_1-xxxx.pth \
+        --config=configs/squeezenet.py:version=1.1 --workdir=runs/pytorchcv_squeezenet_1.1
+    python convert.py --format=keras --source=xception_weights_tf_dim_ordering_tf_kernels.h5 \
+        --config=configs/xception.py --workdir=runs/keras_xception
     python convert.py --to_keras=model.weights.h5 --workdir=runs/v2_0.5   # ours -> Keras
 
 An import writes `workdir/config.json` (the --config with the settings the weights need: input
@@ -41,7 +45,7 @@ def converted_config(fmt: str, config: ml_collections.ConfigDict,
   settings = dict(weight_formats.FORMAT_SETTINGS[fmt])
   if config.model.name != 'shufflenet':
     settings.pop('model.shortcut_first', None)
-  head = weight_formats.LAYER_NAMES[fmt, config.model.name][1]
+  head = weight_formats.LAYER_NAMES[fmt, weight_formats.network(config)][1]
   bias = source.get(head + weight_formats.FORMATS[fmt].sep + weight_formats.FORMATS[fmt].dense['bias'])
   if bias is not None and fmt != 'keras':
     settings['num_classes'] = int(bias.shape[0])
@@ -49,10 +53,13 @@ def converted_config(fmt: str, config: ml_collections.ConfigDict,
   return workdirs.with_settings(config, settings)
 
 
-def check_main_network(config: ml_collections.ConfigDict) -> None:
-  """ValueError for an ablation variant: the published weights and the Keras applications are
-  the papers' main networks."""
-  changed = default.changed_ablations(config.model)
+def check_main_network(config: ml_collections.ConfigDict, fmt: str) -> None:
+  """ValueError for an ablation variant that format `fmt` does not publish: the published weights
+  and the Keras applications are the papers' main networks (and pytorchcv's SqueezeNets
+  v1.1 and with simple bypass, weight_formats.FORMAT_VARIANTS)."""
+  published = weight_formats.FORMAT_VARIANTS.get((fmt, config.model.name), {})
+  changed = {field: value for field, value in default.changed_ablations(config.model).items()
+             if value not in published.get(field, ())}
   if changed:
     field, value = next(iter(changed.items()))
     raise ValueError(f'model.{field}={value!r} builds an ablation variant, and the weight '
@@ -81,8 +88,8 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, variables: di
 def import_weights(fmt: str, source_path: str, config: ml_collections.ConfigDict,
                    workdir: str) -> ml_collections.ConfigDict:
   """Converts the weights file `source_path` into a new workdir; returns its config."""
-  weight_formats.supported(fmt, config.model.name)
-  check_main_network(config)
+  weight_formats.supported(fmt, weight_formats.network(config))
+  check_main_network(config, fmt)
   if not workdirs.is_local(workdir):
     raise ValueError(f'--workdir={workdir}: convert into a local directory (it is built next to '
                      'its final place and renamed, which object storage cannot do), then copy it '
@@ -93,7 +100,7 @@ def import_weights(fmt: str, source_path: str, config: ml_collections.ConfigDict
     raise ValueError(f'--source={source_path} does not exist.')
   source = weight_formats.read(fmt, source_path, config)
   config = converted_config(fmt, config, source)
-  variables = weight_formats.import_variables(fmt, config.model.name, source,
+  variables = weight_formats.import_variables(fmt, weight_formats.network(config), source,
                                           models.variable_shapes(config))
   if os.path.isdir(workdir):
     os.rmdir(workdir)
@@ -110,12 +117,13 @@ def write_keras(workdir: str, target: str, ema: bool = False) -> None:
   if not target.endswith('.weights.h5'):
     raise ValueError(f'--to_keras={target}: Keras weight files end in .weights.h5.')
   config, variables = workdirs.load_for_inference(workdir, ema)
-  weight_formats.supported('keras', config.model.name)
-  check_main_network(config)
+  weight_formats.supported('keras', weight_formats.network(config))
+  check_main_network(config, 'keras')
   variables = weight_formats.fold_bn_epsilon(variables, config.model.bn_epsilon, 1e-3)
   model = weight_formats.keras_application(config)
   shapes = {name: value.shape for name, value in weight_formats.keras_weights(model).items()}
-  values = weight_formats.published_variables('keras', config.model.name, variables, shapes)
+  values = weight_formats.published_variables('keras', weight_formats.network(config), variables,
+                                              shapes)
   weight_formats.set_keras_weights(model, values)
   model.save_weights(target)
 

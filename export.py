@@ -153,8 +153,8 @@ class Runner:
     try:
       self.interpreter.allocate_tensors()
     except RuntimeError as e:
-      # XNNPACK refuses some int8 graphs ("failed to prepare": those of ShuffleNet Table 4's
-      # VGG-like, ResNet and ResNeXt structures); LiteRT's builtin kernels run them.
+      # XNNPACK refuses graphs it cannot prepare (an int8 tensor with a scale of 1e36, from a -inf
+      # padding in the calibration, was one); LiteRT's builtin kernels run them.
       logging.warning("%s: XNNPACK refused the graph (%s); running it on LiteRT's builtin "
                       'kernels.', path, ' '.join(str(e).split())[:200])
       self.interpreter = litert.Interpreter(

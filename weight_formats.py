@@ -1,4 +1,5 @@
-"""Published weights in and out: TF-slim and Keras MobileNets, pytorchcv ShuffleNets.
+"""Published weights in and out: TF-slim and Keras MobileNets, Keras Xception, pytorchcv ShuffleNets
+and SqueezeNets.
 
 Every network here is `ConvBN` blocks plus a classifier, so a format is described by two things:
 where each of our blocks lives in the source (`LAYER_NAMES`: our module path -> the source's
@@ -8,9 +9,11 @@ source and `published_variables` does the reverse; both check every name and sha
 
 Layouts: our convolution kernels are HWIO with I = input channels / groups (depthwise: (k, k, 1,
 C)); TF and Keras store depthwise kernels as (k, k, C, 1) and PyTorch every kernel as OIHW. TF-slim
-and Keras V1 classifiers are 1x1 convolutions, (1, 1, C, K) for our dense (C, K).
+and Keras V1 classifiers are 1x1 convolutions, (1, 1, C, K) for our dense (C, K). SqueezeNet's
+convolutions have biases and no BatchNorm, and its classifier is a convolution.
 """
 
+import collections
 import dataclasses
 import re
 from typing import Callable, Optional
@@ -35,6 +38,7 @@ class Format:
   dense_perm: tuple
   # Source names that carry no weights (PyTorch's BatchNorm step counters).
   ignore: Optional[str] = None
+  conv_bias: str = 'bias'
 
 
 TF_BN = {'scale': 'gamma', 'bias': 'beta', 'mean': 'moving_mean', 'var': 'moving_variance'}
@@ -57,8 +61,9 @@ def _rule(pattern: str, template: Callable[[re.Match], tuple[str, str]]):
   return re.compile(pattern), template
 
 
-# (format, model) -> rules (regex on our '/'-joined block path -> (conv name, BatchNorm name)) and
-# the classifier's source name.
+# (format, model) -> rules (regex on our '/'-joined block path -> (conv name, BatchNorm name), and
+# the name of the conv's kernel where it is not the format's: Keras's separable convolutions hold a
+# 'depthwise_kernel' and a 'pointwise_kernel') and the classifier's source name.
 LAYER_NAMES = {
     ('tf_slim', 'mobilenet_v1'): ([
         _rule(r'stem', lambda m: ('MobilenetV1/Conv2d_0',) * 2),
@@ -85,6 +90,28 @@ LAYER_NAMES = {
                   lambda m: (f'block_{m[1]}_{m[2]}', f'block_{m[1]}_{m[2]}_BN')),
         _rule(r'last_conv', lambda m: ('Conv_1', 'Conv_1_bn')),
     ], 'predictions'),
+    ('keras', 'xception'): ([
+        _rule(r'block1_conv(\d)', lambda m: (f'block1_conv{m[1]}', f'block1_conv{m[1]}_bn')),
+        _rule(r'block(\d+)[/_]sepconv(\d)/depthwise',
+              lambda m: (f'block{m[1]}_sepconv{m[2]}', None, 'depthwise_kernel')),
+        _rule(r'block(\d+)[/_]sepconv(\d)/pointwise',
+              lambda m: (f'block{m[1]}_sepconv{m[2]}', f'block{m[1]}_sepconv{m[2]}_bn',
+                         'pointwise_kernel')),
+        # Keras leaves the strided blocks' shortcut convolutions unnamed (keras_weights).
+        _rule(r'block(\d+)/shortcut', lambda m: (
+            f'conv2d{XCEPTION_SHORTCUTS[int(m[1])]}',
+            f'batch_normalization{XCEPTION_SHORTCUTS[int(m[1])]}')),
+    ], 'predictions'),
+    **{('pytorchcv', f'squeezenet_v{version}'): ([
+        _rule(r'conv1', lambda m: ('features.init_block.conv', None)),
+        _rule(r'fire(\d)/(squeeze|expand1x1|expand3x3)', lambda m, units=units: (
+            f'features.stage{units[int(m[1])][0]}.unit{units[int(m[1])][1]}.{m[2]}.conv', None)),
+    ], 'output.final_conv') for version, units in (
+        # Fire module -> (stage, unit): pytorchcv's stage i holds the modules after max pool i.
+        ('1.0', {2: (1, 1), 3: (1, 2), 4: (1, 3), 5: (2, 1), 6: (2, 2), 7: (2, 3), 8: (2, 4),
+                 9: (3, 1)}),
+        ('1.1', {2: (1, 1), 3: (1, 2), 4: (2, 1), 5: (2, 2), 6: (3, 1), 7: (3, 2), 8: (3, 3),
+                 9: (3, 4)}))},
     ('pytorchcv', 'shufflenet'): ([
         _rule(r'stem', lambda m: ('features.init_block.conv', 'features.init_block.bn')),
         _rule(r'stage(\d)_unit(\d+)/(compress|depthwise|expand)', lambda m: tuple(
@@ -94,6 +121,14 @@ LAYER_NAMES = {
                          'expand': ('expand_conv3', 'expand_bn3')}[m[3]])),
     ], 'output'),
 }
+
+# Ablation settings whose variants a format publishes, with their values (pytorchcv's
+# squeezeresnet_v1_0 and _v1_1 are SqueezeNet with simple bypass).
+FORMAT_VARIANTS = {('pytorchcv', 'squeezenet'): {'version': ('1.0', '1.1'),
+                                                 'bypass': ('none', 'simple')}}
+
+# Keras's names of Xception's unnamed shortcut layers, by block (the names of a fresh session).
+XCEPTION_SHORTCUTS = {2: '', 3: '_1', 4: '_2', 13: '_3'}
 
 # What each format's published weights expect, applied to the config of a converted checkpoint:
 # TF and Keras MobileNets take inputs in [-1, 1] and use BatchNorm epsilon 1e-3; pytorchcv
@@ -109,6 +144,13 @@ FORMAT_SETTINGS = {
 }
 
 
+def network(config) -> str:
+  """The name under which LAYER_NAMES holds `config`'s network: the model's, with SqueezeNet's
+  version ('squeezenet_v1.1'), whose layers pytorchcv names by stage."""
+  name = config.model.name
+  return f'{name}_v{config.model.version}' if name == 'squeezenet' else name
+
+
 def supported(fmt: str, model_name: str) -> None:
   """Raises ValueError unless `fmt` can carry `model_name`'s weights."""
   if fmt not in FORMATS:
@@ -118,7 +160,7 @@ def supported(fmt: str, model_name: str) -> None:
     raise ValueError(f'The {fmt} format has no {model_name}; it has: {", ".join(known)}.')
 
 
-def _block_names(fmt: str, model_name: str, block: str) -> tuple[str, str]:
+def _block_names(fmt: str, model_name: str, block: str) -> tuple[str, ...]:
   rules, _ = LAYER_NAMES[fmt, model_name]
   for pattern, template in rules:
     match = pattern.fullmatch(block)
@@ -133,17 +175,21 @@ def source_names(fmt: str, model_name: str, shapes: dict) -> dict:
   form = FORMATS[fmt]
   head = LAYER_NAMES[fmt, model_name][1]
   names = {}
-  for path in flax.traverse_util.flatten_dict(shapes):
+  for path, shape in flax.traverse_util.flatten_dict(shapes).items():
     _, *module, leaf = path
     if module[:2] == ['head', 'classifier']:
+      kernel_perm = form.conv_perm if len(shape.shape) == 4 else form.dense_perm
       names[path] = (f'{head}{form.sep}{form.dense[leaf]}',
-                     form.dense_perm if leaf == 'kernel' else (0,))
+                     kernel_perm if leaf == 'kernel' else (0,))
       continue
     block, part = '/'.join(module[:-1]), module[-1]
-    conv, bn = _block_names(fmt, model_name, block)
-    if part == 'conv':
+    conv, bn, *kernel = _block_names(fmt, model_name, block)
+    if part == 'conv' and leaf == 'bias':
+      names[path] = (f'{conv}{form.sep}{form.conv_bias}', (0,))
+    elif part == 'conv':
       depthwise = block.endswith('depthwise')
-      names[path] = (f'{conv}{form.sep}{form.depthwise_conv if depthwise else form.conv}',
+      kernel = kernel[0] if kernel else form.depthwise_conv if depthwise else form.conv
+      names[path] = (f'{conv}{form.sep}{kernel}',
                      form.depthwise_perm if depthwise else form.conv_perm)
     else:
       names[path] = (f'{bn}{form.sep}{form.bn[leaf]}', (0,))
@@ -255,15 +301,17 @@ def read_tf_slim(path: str) -> dict:
 
 
 def keras_application(config, weights: Optional[str] = None):
-  """The Keras applications network equal to `config`'s MobileNet (logits out)."""
+  """The Keras applications network equal to `config`'s MobileNet or Xception (logits out)."""
   import keras  # pylint: disable=g-import-not-at-top
   builder = {'mobilenet_v1': keras.applications.MobileNet,
-             'mobilenet_v2': keras.applications.MobileNetV2}.get(config.model.name)
+             'mobilenet_v2': keras.applications.MobileNetV2,
+             'xception': keras.applications.Xception}.get(config.model.name)
   if builder is None:
     raise ValueError(f'Keras applications have no {config.model.name}; the keras format takes '
-                     'mobilenet_v1 and mobilenet_v2.')
-  model = builder(input_shape=(config.image_size, config.image_size, 3), alpha=config.model.alpha,
-                  weights=None, classes=config.num_classes, classifier_activation=None)
+                     'mobilenet_v1, mobilenet_v2 and xception.')
+  width = {} if config.model.name == 'xception' else {'alpha': config.model.alpha}
+  model = builder(input_shape=(config.image_size, config.image_size, 3), weights=None,
+                  classes=config.num_classes, classifier_activation=None, **width)
   if weights is not None:
     try:
       model.load_weights(weights)
@@ -276,16 +324,33 @@ def keras_application(config, weights: Optional[str] = None):
   return model
 
 
+def keras_layer_names(model) -> list[str]:
+  """The names of `model`'s layers as a fresh Keras session gives them: an unnamed layer is named
+  by its class and a counter ('conv2d', 'conv2d_1', ...) that grows with every such layer the
+  process has built, so those are numbered again in the model's order."""
+  counts = collections.Counter()
+  names = []
+  for layer in model.layers:
+    match = re.fullmatch(r'(conv2d|batch_normalization)(_\d+)?', layer.name)
+    if match:
+      names.append(match[1] + (f'_{counts[match[1]]}' if counts[match[1]] else ''))
+      counts[match[1]] += 1
+    else:
+      names.append(layer.name)
+  return names
+
+
 def keras_weights(model) -> dict:
-  return {f'{layer.name}/{weight.name}': np.asarray(weight.numpy())
-          for layer in model.layers for weight in layer.weights}
+  return {f'{name}/{weight.name}': np.asarray(weight.numpy())
+          for name, layer in zip(keras_layer_names(model), model.layers)
+          for weight in layer.weights}
 
 
 def set_keras_weights(model, values: dict) -> None:
   """Assigns {'layer/weight': array} (keras_weights' names) to the Keras `model`."""
-  for layer in model.layers:
+  for name, layer in zip(keras_layer_names(model), model.layers):
     if layer.weights:
-      layer.set_weights([values[f'{layer.name}/{w.name}'] for w in layer.weights])
+      layer.set_weights([values[f'{name}/{w.name}'] for w in layer.weights])
 
 
 def read_keras(path: str, config) -> dict:

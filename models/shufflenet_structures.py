@@ -35,6 +35,7 @@ ResNeXt 142.2, 44.5, 13.9 (its grid's other neighbour at 38, C = 160, gives 31.6
 """
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from models import layers
 
@@ -130,7 +131,10 @@ class ShuffleNetStructure(layers.Backbone):
     # `small_input` drops the stride of the stem and the max pool, as ShuffleNet's.
     x = conv_bn(stem, 3, strides=1 if self.small_input else 2, name='stem')(x)
     if not self.small_input:
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=layers.symmetric_padding(3))
+      # The stem's output is non-negative (ReLU): zero padding pools as -inf padding does, and
+      # keeps -inf out of an int8 export's calibration (it gave the stem's output a scale of
+      # 1e36, which XNNPACK refuses).
+      x = nn.max_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), (2, 2))
     widths = stage_widths(self.unit, self.alpha)
     for stage, (units, width) in enumerate(zip(STAGE_UNITS, widths)):
       for unit in range(units):

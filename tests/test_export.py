@@ -168,9 +168,9 @@ def test_bad_input_is_one_clear_error_and_leaves_no_file(trained, tmp_path):
 
 
 def test_a_graph_xnnpack_refuses_runs_on_the_builtin_kernels(tmp_path, monkeypatch, caplog):
-  """Where XNNPACK cannot prepare a file (it refuses the int8 files of ShuffleNet Table 4's
-  structures), the Runner says so in one warning line, runs LiteRT's builtin kernels, gives the
-  same logits, and the latency records which runtime timed it."""
+  """Where XNNPACK cannot prepare a file (it refused int8 files with a tensor scale of 1e36), the
+  Runner says so in one warning line, runs LiteRT's builtin kernels, gives the same logits, and
+  the latency records which runtime timed it."""
   from ai_edge_litert import interpreter as litert  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   directory = tmp_path / 'untrained'

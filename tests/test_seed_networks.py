@@ -5,22 +5,22 @@ import functools
 import json
 import math
 
-import flax
 import jax
 import jax.numpy as jnp
-import keras
 import numpy as np
 import pytest
 import torch
 from pytorchcv.models import squeezenet as pytorchcv_squeezenet
 
 import complexity
+import convert
 import models
 import train
+import weight_formats
+import workdirs
 from configs import default
 from configs import shufflenet, shufflenet_table4, squeezenet, xception
 from models import shufflenet_structures
-from models import squeezenet as squeezenet_model
 from tests.helpers import TINY, random_variables
 
 
@@ -53,104 +53,51 @@ def test_xception_parameters_of_table_3():
   assert sum(math.prod(s.shape) for s in jax.tree.leaves(shapes['batch_stats'])) == 54_528
 
 
-def pytorchcv_name(module: str, version: str) -> str:
-  """pytorchcv's name of our SqueezeNet module ('fire5/squeeze' -> 'features.stage2.unit1.squeeze'
-  in v1.0): its stage i holds the Fire modules after the i-th max pool."""
-  if module == 'conv1':
-    return 'features.init_block'
-  if module == 'head/classifier':
-    return 'output.final_conv'
-  fire, part = module.split('/')
-  stage, unit = 1, 0
-  for number in range(2, int(fire[4:]) + 1):
-    unit += 1
-    if number - 1 in squeezenet_model.VERSIONS[version][2][1:]:
-      stage, unit = stage + 1, 1
-  return f'features.stage{stage}.unit{unit}.{part}'
-
-
-def pytorchcv_squeezenet_variables(peer, config):
-  """Our variables holding `peer`'s weights."""
-  shapes = jax.eval_shape(functools.partial(models.get_model(config).init, train=False),
-                          jax.random.key(0), jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
-  theirs = {k: t.numpy() for k, t in peer.state_dict().items()}
-  flat = {}
-  for path, shape in flax.traverse_util.flatten_dict(shapes['params']).items():
-    module = '/'.join(p for p in path[:-1] if p != 'conv')
-    name = pytorchcv_name(module, config.model.version)
-    if not name.startswith('output'):
-      name += '.conv'
-    value = theirs.pop(f'{name}.{"weight" if path[-1] == "kernel" else "bias"}')
-    value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
-    assert value.shape == shape.shape, (path, value.shape, shape.shape)
-    flat[path] = value
-  assert not theirs, sorted(theirs)
-  return {'params': flax.traverse_util.unflatten_dict(flat)}
-
-
 @pytest.mark.parametrize('peer_name,version,bypass', [
     ('squeezenet_v1_0', '1.0', 'none'), ('squeezenet_v1_1', '1.1', 'none'),
     ('squeezeresnet_v1_0', '1.0', 'simple')])
-def test_squeezenet_equals_pytorchcv(peer_name, version, bypass):
-  """pytorchcv's SqueezeNets with random weights and biases give our logits with their weights,
-  at 224 px, where the max pools' rounding up matters (109 -> 54 -> 27 -> 13 in v1.0)."""
+def test_pytorchcv_squeezenet_weights_give_pytorchcv_logits(peer_name, version, bypass, tmp_path):
+  """pytorchcv's SqueezeNets with random weights and biases, converted, give pytorchcv's logits at
+  224 px, where the max pools' rounding up matters (109 -> 54 -> 27 -> 13 in v1.0); the class
+  count comes from the weights."""
   torch.manual_seed(0)
   peer = getattr(pytorchcv_squeezenet, peer_name)(num_classes=10).eval()
   with torch.no_grad():
     for name, tensor in peer.named_parameters():
       if name.endswith('bias'):
         tensor.normal_(0.1, 0.1)
+  torch.save(peer.state_dict(), tmp_path / 'peer.pth')
   config = squeezenet.get_config(f'version={version},bypass={bypass},res=224')
-  config.num_classes = 10
-  variables = pytorchcv_squeezenet_variables(peer, config)
+  convert.import_weights('pytorchcv', str(tmp_path / 'peer.pth'), config, str(tmp_path / 'ours'))
+  converted, variables = workdirs.load_for_inference(str(tmp_path / 'ours'), False)
+  assert converted.num_classes == 10
   images = np.random.default_rng(1).normal(0, 1, (2, 224, 224, 3)).astype(np.float32)
   with torch.no_grad():
     expected = peer(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-  assert_same_logits(logits_of(config, variables, images), expected)
-
-
-def keras_xception_weights(variables: dict, peer) -> None:
-  """Sets Keras `peer`'s weights to ours: layers by name (our 'block2/sepconv1/depthwise' is
-  Keras's 'block2_sepconv1' depthwise kernel); the unnamed shortcut convolutions and their
-  BatchNorms by their shapes, which differ."""
-  flat = flax.traverse_util.flatten_dict(variables)
-  by_layer = {}
-  for (collection, *module, leaf), value in flat.items():
-    value = np.asarray(value)
-    if module[0] == 'head':
-      by_layer[('predictions', leaf)] = value
-      continue
-    layer = '_'.join(m for m in module[:-1] if m not in ('depthwise', 'pointwise'))
-    if module[-1] == 'bn':
-      keras_leaf = {'scale': 'gamma', 'bias': 'beta', 'mean': 'moving_mean',
-                    'var': 'moving_variance'}[leaf]
-      by_layer[(layer + '_bn', keras_leaf)] = value
-    elif module[-2] == 'depthwise':
-      by_layer[(layer, 'depthwise_kernel')] = value.transpose(0, 1, 3, 2)
-    else:
-      by_layer[(layer, 'pointwise_kernel' if module[-2] == 'pointwise' else 'kernel')] = value
-  shortcuts = {v.shape[-1]: k[0] for k, v in by_layer.items() if k[0].endswith('shortcut')}
-  for layer in peer.layers:
-    name = layer.name
-    if name.startswith(('conv2d', 'batch_normalization')):
-      name = shortcuts[layer.weights[0].shape[-1]] + ('_bn' if 'batch' in name else '')
-    layer.set_weights([by_layer.pop((name, w.name)) for w in layer.weights])
-  assert not by_layer, sorted(by_layer)
+  assert_same_logits(logits_of(converted, variables, images), expected)
 
 
 @pytest.mark.parametrize('res', [71, 100])
-def test_xception_equals_keras(res):
-  """Keras applications' Xception with our random weights and BatchNorm statistics gives our
-  logits (71 px is its smallest input; at 100 px the 'SAME' pools of 24 px pad unevenly)."""
+def test_xception_keras_weights_give_keras_logits(res, tmp_path):
+  """Keras applications' Xception with our random weights and BatchNorm statistics (written by
+  the export direction of the keras format) gives our logits; its .weights.h5 file converts back
+  to exactly our variables (71 px is its smallest input; at 100 px the 'SAME' pools of 24 px pad
+  unevenly)."""
   config = xception.get_config(f'res={res}')
   config.num_classes = 10
   variables = random_variables(models.get_model(config), res, random_batchnorm=True)
-  peer = keras.applications.Xception(weights=None, input_shape=(res, res, 3), classes=10,
-                                     classifier_activation=None)
-  keras_xception_weights(variables, peer)
+  peer = weight_formats.keras_application(config)
+  shapes = {name: value.shape for name, value in weight_formats.keras_weights(peer).items()}
+  weight_formats.set_keras_weights(
+      peer, weight_formats.published_variables('keras', 'xception', variables, shapes))
+  peer.save_weights(str(tmp_path / 'peer.weights.h5'))
+  convert.import_weights('keras', str(tmp_path / 'peer.weights.h5'), config,
+                         str(tmp_path / 'ours'))
+  converted, restored = workdirs.load_for_inference(str(tmp_path / 'ours'), False)
+  jax.tree.map(np.testing.assert_array_equal, restored, variables)
   images = np.random.default_rng(2).normal(0, 1, (2, res, res, 3)).astype(np.float32)
   expected = np.asarray(peer(images, training=False))
-  assert_same_logits(logits_of(config, variables, images), expected)
+  assert_same_logits(logits_of(converted, restored, images), expected)
 
 
 STRUCTURES = [(unit, scale) for unit in ('vgg', 'resnet', 'resnext') for scale in (1.0, 0.5, 0.25)]
@@ -281,3 +228,21 @@ def test_train_mode_forward_and_gradients_are_finite(config, res):
       jax.tree.leaves(grads))
   assert jax.tree.structure(state.get('batch_stats', {})) == jax.tree.structure(
       variables.get('batch_stats', {}))
+
+
+def test_table4_int8_export_has_calibrated_scales(tmp_path):
+  """The int8 LiteRT file of a Table 4 structure: every int8 tensor has a usable scale (a -inf
+  max-pool padding once gave the stem's output a scale of 1e36, which XNNPACK refused)."""
+  import export  # pylint: disable=g-import-not-at-top
+  from ai_edge_litert import interpreter as litert  # pylint: disable=g-import-not-at-top
+  config = shufflenet_table4.get_config('unit=resnet,scale=0.25,res=64')
+  variables = random_variables(models.get_model(config), 64)
+  images = np.random.default_rng(0).normal(size=(4, 64, 64, 3)).astype(np.float32)
+  path = tmp_path / 'int8.tflite'
+  path.write_bytes(export.convert(config, variables, 'int8', images))
+  interpreter = litert.Interpreter(
+      model_path=str(path),
+      experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+  scales = [t['quantization'][0] for t in interpreter.get_tensor_details()
+            if t['dtype'] == np.int8 and t['shape'].size == 4]
+  assert scales and max(scales) < 1e3, max(scales)
