@@ -7,6 +7,7 @@ zipped. Every point trains with its own `main.py` run in `DIR/<run name>/`.
   python sweep.py --config=configs/sweeps/quickstart.py --workdir=runs/sweep
   python sweep.py --config=configs/sweeps/mobilenet_v1_paper.py --workdir=DIR --dry_run
   python sweep.py --config=configs/sweeps/shufflenet_paper.py --workdir=DIR --complexity_only
+  python sweep.py --config=configs/sweeps/every_network.py --workdir=DIR --latency_only
   python sweep.py --config=configs/sweeps/mobilenet_v1_paper.py --workdir=DIR --launch=slurm \
       --max_parallel=4 --slurm_gpus_per_node=8
   python sweep.py --collect=DIR
@@ -15,8 +16,9 @@ A point with `results.json` is finished and skipped; an interrupted one resumes 
 checkpoint (main.py does that); a failed one is reported and the sweep goes on. Points run one
 after another here or on a TPU slice (--launch=tpu), and in parallel as a Slurm job array
 (--launch=slurm, slurm_launch.py). Every sweep ends by writing DIR/results.csv, DIR/results.md
-and DIR/accuracy_vs_madds.{png,svg}. DIR may be a Cloud Storage folder (gs://), as every workdir
-may (workdirs.py).
+and DIR/accuracy_vs_madds.{png,svg}; --complexity_only and --latency_only (untrained LiteRT
+files, timed) fill them without training. DIR may be a Cloud Storage folder (gs://), as every
+workdir may (workdirs.py).
 """
 
 import collections
