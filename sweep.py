@@ -371,12 +371,12 @@ def collect(workdir: str) -> list[dict]:
                  train_images_per_sec=results['train_images_per_sec'],
                  wall_time_sec=results['wall_time_sec'],
                  **{k: results.get(k) for k in ('compile_sec', 'eval_sec', 'checkpoint_sec')})
+    # A trained point's export, else the untrained files' latency of --latency_only.
     exported = workdirs.path_of(run_dir) / EXPORT_DIR / 'export.json'
-    untrained = workdirs.path_of(workdir) / LATENCY_DIR / entry['name'] / 'latency.json'
-    if row['status'] == 'done' and exported.exists():
+    if row['status'] != 'done' or not exported.exists():
+      exported = workdirs.path_of(workdir) / LATENCY_DIR / entry['name'] / 'latency.json'
+    if exported.exists():
       row.update({k: v for k, v in json.loads(exported.read_text()).items() if k in COLUMNS})
-    elif untrained.exists():
-      row.update({k: v for k, v in json.loads(untrained.read_text()).items() if k in COLUMNS})
     rows.append(row)
   rows += paper_only_rows(workdir, plan)
   table = io.StringIO(newline='')
@@ -395,10 +395,9 @@ def collect(workdir: str) -> list[dict]:
 
 def untrained_latencies(points: list[Point], workdir: str, runs: int) -> None:
   """Exports every point with untrained weights (float and int8 LiteRT files, export.py) into
-  DIR/latency/<run>/ and times both on one thread; points timed before are skipped."""
+  DIR/latency/<run>/ of the local `workdir` and times both on one thread; points timed before are
+  skipped."""
   import export  # pylint: disable=g-import-not-at-top
-  if not workdirs.is_local(workdir):
-    raise ValueError(f'--latency_only writes LiteRT files: {workdir} must be a local directory.')
   for i, point in enumerate(points, 1):
     directory = os.path.join(workdir, LATENCY_DIR, point.name)
     if os.path.exists(os.path.join(directory, 'latency.json')):
@@ -439,22 +438,25 @@ def markdown_table(rows: list[dict]) -> str:
   if exported:
     header += ('latency ms', 'int8 latency ms', 'int8 top-1 %', 'file kB', 'int8 file kB')
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  def number(value, scale=1.0, digits=1):
-    return '' if value is None else f'{value * scale:.{digits}f}'
   for r in rows:
     wall = '' if r['wall_time_sec'] is None else f'{r["wall_time_sec"] / 60:.1f} min'
     cells = (r['run'], r['model'], f'{r["alpha"]:g}', '' if r['groups'] is None else r['groups'],
-             r['image_size'], r['variant'] or '', number(r['macs'], 1e-6),
-             number(r['params'], 1e-6, 2), number(r['top1'], 100, 2), number(r['top5'], 100, 2),
-             number(r['ema_top1'], 100, 2), number(r['train_images_per_sec'], 1, 0), wall,
-             r['status'], r['paper_label'] or '', number(r['paper_madds_millions'], 1, 0),
-             number(r['paper_params_millions'], 1, 2), number(r['paper_top1'], 1, 1))
+             r['image_size'], r['variant'] or '', _cell(r['macs'], 1e-6),
+             _cell(r['params'], 1e-6, 2), _cell(r['top1'], 100, 2), _cell(r['top5'], 100, 2),
+             _cell(r['ema_top1'], 100, 2), _cell(r['train_images_per_sec'], 1, 0), wall,
+             r['status'], r['paper_label'] or '', _cell(r['paper_madds_millions'], 1, 0),
+             _cell(r['paper_params_millions'], 1, 2), _cell(r['paper_top1'], 1, 1))
     if exported:
-      cells += (number(r['latency_ms'], 1, 3), number(r['int8_latency_ms'], 1, 3),
-                number(r['int8_top1'], 100, 2), number(r['tflite_bytes'], 1e-3, 0),
-                number(r['int8_tflite_bytes'], 1e-3, 0))
+      cells += (_cell(r['latency_ms'], 1, 3), _cell(r['int8_latency_ms'], 1, 3),
+                _cell(r['int8_top1'], 100, 2), _cell(r['tflite_bytes'], 1e-3, 0),
+                _cell(r['int8_tflite_bytes'], 1e-3, 0))
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return '\n'.join(lines) + '\n' + seed_summary(rows)
+
+
+def _cell(value, scale=1.0, digits=1) -> str:
+  """A table cell: `value * scale` with `digits` decimals, '' for None."""
+  return '' if value is None else f'{value * scale:.{digits}f}'
 
 
 def complexity_table(rows: list[dict]) -> str:
@@ -467,17 +469,15 @@ def complexity_table(rows: list[dict]) -> str:
   if timed:
     header += ('latency ms', 'int8 latency ms', 'file kB', 'int8 file kB')
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  def number(value, scale=1.0, digits=1):
-    return '' if value is None else f'{value * scale:.{digits}f}'
   for r in rows:
     cells = (r['run'], r['model'], f'{r["alpha"]:g}', '' if r['groups'] is None else r['groups'],
-             r['image_size'], r['variant'] or '', number(r['macs'], 1e-6),
-             number(r['params'], 1e-6, 2), r['paper_label'] or '',
-             number(r['paper_madds_millions'], 1, 0), number(r['paper_params_millions'], 1, 2),
-             number(r['paper_top1'], 1, 1))
+             r['image_size'], r['variant'] or '', _cell(r['macs'], 1e-6),
+             _cell(r['params'], 1e-6, 2), r['paper_label'] or '',
+             _cell(r['paper_madds_millions'], 1, 0), _cell(r['paper_params_millions'], 1, 2),
+             _cell(r['paper_top1'], 1, 1))
     if timed:
-      cells += (number(r['latency_ms'], 1, 3), number(r['int8_latency_ms'], 1, 3),
-                number(r['tflite_bytes'], 1e-3, 0), number(r['int8_tflite_bytes'], 1e-3, 0))
+      cells += (_cell(r['latency_ms'], 1, 3), _cell(r['int8_latency_ms'], 1, 3),
+                _cell(r['tflite_bytes'], 1e-3, 0), _cell(r['int8_tflite_bytes'], 1e-3, 0))
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -708,6 +708,9 @@ def main(argv):
     points = expand(f.config)
     published = tuple(f.config.get('published', ()))
     check_published_sources(published)
+    if f.latency_only and not workdirs.is_local(f.workdir):
+      raise ValueError(f'--latency_only writes LiteRT files: {f.workdir} must be a local '
+                       'directory.')
     check_points(points)
     try:
       workdirs.check_readable(f.workdir)
@@ -750,10 +753,7 @@ def main(argv):
       print(f'warning: {unreadable} The plan above is neither saved there nor checked against '
             'the runs it may hold.')
     if f.latency_only:
-      try:
-        untrained_latencies(points, workdir, f.latency_runs)
-      except ValueError as e:
-        raise SystemExit(f'error: {e}') from None
+      untrained_latencies(points, workdir, f.latency_runs)
     if f.complexity_only or f.latency_only:
       print(complexity_table(collect(workdir)), end='')
       print(f'Wrote {workdir}/results.csv and results.md.')

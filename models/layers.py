@@ -61,6 +61,12 @@ def same_padding(kernel_size: int) -> Padding:
   return 'SAME'
 
 
+def valid_padding(kernel_size: int) -> Padding:
+  """No padding (Caffe's default, Xception's first two convolutions)."""
+  del kernel_size
+  return 'VALID'
+
+
 def symmetric_padding(kernel_size: int) -> Padding:
   """Caffe/PyTorch padding: kernel_size // 2 on every side."""
   return ((kernel_size // 2, kernel_size // 2),) * 2

@@ -59,11 +59,6 @@ def ceil_max_pool(x):
   return nn.max_pool(x, (3, 3), (2, 2))
 
 
-def valid_padding(kernel_size: int) -> layers.Padding:
-  del kernel_size
-  return 'VALID'
-
-
 class Fire(nn.Module):
   """Section 3.2's Fire module, with section 6's bypass: 'none', 'simple' (identity) or 'complex'
   (a 1x1 convolution)."""
@@ -140,7 +135,7 @@ class SqueezeNet(layers.Backbone):
 
   def features(self, x, conv_bn):
     stem, kernel, pools_after = VERSIONS[self.version]
-    x = conv_bn(stem, kernel, strides=2, padding=valid_padding, name='conv1')(x)
+    x = conv_bn(stem, kernel, strides=2, padding=layers.valid_padding, name='conv1')(x)
     x = ceil_max_pool(x)
     for number, (squeeze, expand) in enumerate(FIRE_MODULES, start=2):
       bypass = self.bypass

@@ -16,6 +16,8 @@ by the paper's author: 22,855,952 trainable parameters at 299 px and 1000 classe
 54,528 BatchNorm statistics.
 """
 
+import functools
+
 import flax.linen as nn
 
 from models import layers
@@ -28,11 +30,6 @@ MIDDLE_CHANNELS = 728
 # The exit flow's strided block (block 13: two SeparableConvs) and its last two (block 14).
 EXIT_BLOCK = (728, 1024)
 EXIT_CONVS = (1536, 2048)
-
-
-def valid_padding(kernel_size: int) -> layers.Padding:
-  del kernel_size
-  return 'VALID'
 
 
 class SeparableConvBN(nn.Module):
@@ -90,8 +87,9 @@ class Xception(layers.Backbone):
     super().__post_init__()
 
   def features(self, x, conv_bn):
-    x = conv_bn(ENTRY_STEM[0], 3, strides=2, padding=valid_padding, name='block1_conv1')(x)
-    x = conv_bn(ENTRY_STEM[1], 3, padding=valid_padding, name='block1_conv2')(x)
+    unpadded = functools.partial(conv_bn, padding=layers.valid_padding)
+    x = unpadded(ENTRY_STEM[0], 3, strides=2, name='block1_conv1')(x)
+    x = unpadded(ENTRY_STEM[1], 3, name='block1_conv2')(x)
     for block, channels in enumerate(ENTRY_BLOCKS, start=2):
       x = StridedBlock((channels, channels), conv_bn, start_with_relu=block > 2,
                        name=f'block{block}')(x)
