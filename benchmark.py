@@ -12,11 +12,11 @@ import json
 import statistics
 import time
 
-import hugepages
+import malloc_tunables
 import quiet_tensorflow
 
 if __name__ == '__main__':
-  hugepages.restart_with_huge_pages()  # as main.py: before TensorFlow and JAX are imported
+  malloc_tunables.restart_with_tunables()  # as main.py: before TensorFlow and JAX are imported
   quiet_tensorflow.import_tensorflow()
 
 from absl import app

@@ -4,8 +4,8 @@ r"""Trains and evaluates a network: the command line around train.py.
 
 The same command runs on one CPU, one GPU, every GPU of a machine and every host of a TPU slice
 (add --distributed on multi-process launches). This module is the launch: flags, the start-up
-restart with huge pages, multi-process start-up, preemption signals and the console; train.py is
-the loop.
+restart with glibc's malloc tunables, multi-process start-up, preemption signals and the console;
+train.py is the loop.
 """
 
 import hashlib
@@ -18,14 +18,14 @@ import threading
 import time
 from typing import Optional
 
-import hugepages
+import malloc_tunables
 import quiet_tensorflow
 
 PROCESS_START = time.time()
 if __name__ == '__main__':
   # Before TensorFlow and JAX are imported (the imports below come after this on purpose): the
   # restart runs this file again from the start, and they load and greet once.
-  hugepages.restart_with_huge_pages()
+  malloc_tunables.restart_with_tunables()
   quiet_tensorflow.import_tensorflow()  # without its doubled oneDNN banner on stderr
 
 from absl import app

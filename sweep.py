@@ -52,7 +52,7 @@ import cli
 import complexity
 from configs import default
 import distillation
-import hugepages
+import malloc_tunables
 import models
 import slurm_launch
 import workdirs
@@ -258,7 +258,7 @@ def run_command(command: list[str], run_dir: str, log_name: str = 'train.log') -
   local = workdirs.is_local(run_dir)
   with open(log_path, 'a') if local else tempfile.TemporaryFile('w+') as log:
     returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                 env=hugepages.environ_with_huge_pages())
+                                 env=malloc_tunables.environ_with_tunables())
     if not local:
       log.seek(0)
       earlier = log_path.read_text() if log_path.exists() else ''

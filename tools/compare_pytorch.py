@@ -29,10 +29,10 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import hugepages  # pylint: disable=g-import-not-at-top,wrong-import-position
+import malloc_tunables  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 if __name__ == '__main__':
-  hugepages.restart_with_huge_pages()  # as main.py, for both sides
+  malloc_tunables.restart_with_tunables()  # as main.py, for both sides
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
