@@ -87,17 +87,30 @@ def time_train_step(config, steps: int, warmup: int) -> tuple[float, object]:
   return median_seconds(step, steps, warmup), state()
 
 
-def train_stepper(config):
-  """`stepper` for train.py's pmapped train step on a synthetic batch of `config`."""
+def _train_step_inputs(config):
+  """(train.py's pmapped train step of (state, batch, teacher variables), the replicated state, a
+  synthetic batch, the teacher's variables on the devices)."""
   train.check_config(config)
   config, teacher, teacher_variables = distillation.load(config)
   model = models.get_model(config, axis_name='batch')
   schedule = optimizers.create_schedule(config, 1000, 100_000)
   state = train.replicated(
       train.create_train_state(config, model, optimizers.create_optimizer(config, schedule)))
-  p_train = train.pmap_train_step(config, schedule, teacher=teacher,
-                                  teacher_variables=teacher_variables)
-  return stepper(p_train, state, synthetic_batch(config.batch_size, config, train=True))
+  return (train.pmapped_train_step(config, schedule, teacher=teacher), state,
+          synthetic_batch(config.batch_size, config, train=True),
+          train.replicated(teacher_variables))
+
+
+def train_stepper(config):
+  """`stepper` for train.py's pmapped train step on a synthetic batch of `config`."""
+  step, state, batch, teacher_variables = _train_step_inputs(config)
+  return stepper(lambda state, batch: step(state, batch, teacher_variables), state, batch)
+
+
+def compiled_train_step_text(config) -> str:
+  """The optimized HLO of `train_stepper`'s step: the instructions that its profile names."""
+  step, state, batch, teacher_variables = _train_step_inputs(config)
+  return step.lower(state, batch, teacher_variables).compile().as_text()
 
 
 def run(config, steps: int, warmup: int) -> dict:

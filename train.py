@@ -166,13 +166,19 @@ def replicated(tree, devices=None):
                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def pmap_train_step(config, schedule, devices=None, teacher=None, teacher_variables=None):
-  """`train_step` of (state, batch) pmapped over `devices` (default: all), the state unmapped
-  and donated; with a `teacher` (distillation.load), its variables placed on the devices once."""
-  step = jax.pmap(functools.partial(train_step, schedule=schedule, config=config, teacher=teacher,
+def pmapped_train_step(config, schedule, devices=None, teacher=None):
+  """`train_step` pmapped over `devices` (default: all), called as (state, batch, the teacher's
+  variables on the devices or None); the state unmapped and donated."""
+  return jax.pmap(functools.partial(train_step, schedule=schedule, config=config, teacher=teacher,
                                     dropout_key=jax.random.key(config.seed + 1)),
                   axis_name='batch', in_axes=(None, 0, None), out_axes=(None, None),
                   donate_argnums=(0,), devices=devices)
+
+
+def pmap_train_step(config, schedule, devices=None, teacher=None, teacher_variables=None):
+  """`pmapped_train_step` of (state, batch); with a `teacher` (distillation.load), its variables
+  placed on the devices once."""
+  step = pmapped_train_step(config, schedule, devices, teacher)
   on_devices = replicated(teacher_variables, devices)
   return lambda state, batch: step(state, batch, on_devices)
 

@@ -2,7 +2,8 @@ r"""Train-step images/s of our networks against the same networks in PyTorch eag
 
     python tools/compare_pytorch.py                       # README's table: all rows
     python tools/compare_pytorch.py --rows=v2_0.5_32 --steps=50 --json
-    python tools/compare_pytorch.py --rows=v1_1.0_224 --parts   # where the time goes
+    python tools/compare_pytorch.py --rows=v1_1.0_224 --parts   # forward and one layer alone
+    python tools/compare_pytorch.py --rows=v1_0.25_48 --profile # where the time goes
 
 Each row times both sides in the same process, in `--rounds` rounds of `--steps` steps of ours
 then `--steps` of PyTorch's, and reports the median of the rounds' ratios (these machines are
@@ -14,6 +15,12 @@ images normalized in the step, the model's `conv_impl='auto'`); PyTorch's is pyt
 small inputs run) in channels_last memory format: forward, cross-entropy, backward and
 `optimizer.step()`. A round's median step time after `--warmup` steps counts.
 
+`--profile` adds, per row, where each side's train step spends its time: the time per step of
+the operations (ours: XLA's and the oneDNN calls, from a `jax.profiler` trace, named by the source
+of their HLO instruction; PyTorch's: `torch.profiler`'s self time of the aten operators) in the
+forward and backward convolutions, the forward and backward BatchNorm and activations, and the
+rest (head, loss, optimizer). Operations that run at the same time on different threads add up.
+
 `--parts` adds, per row, the forward pass alone (ours: the jitted loss in training mode; PyTorch:
 under `no_grad`) and the network's first stride-1 3x3 depthwise convolution alone, forward and
 backward (ours: `conv_impl='auto'`'s convolution, oneDNN's through `models/onednn.py` where it
@@ -22,11 +29,16 @@ is built; PyTorch: `Conv2d(groups=C)`).
 PyTorch and pytorchcv come with requirements-test.txt and requirements-peers.txt (setup.sh).
 """
 
+import collections
 import dataclasses
+import glob
 import json
 import os
+import re
 import statistics
 import sys
+import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import malloc_tunables  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -184,11 +196,78 @@ def depthwise_steppers(row: Row, image_size: int):
   return lambda: jax.block_until_ready(grad(params, x)), forward_backward, shape
 
 
-def compare(row: Row, steps: int, warmup: int, rounds: int, parts: bool) -> dict:
+PARTS = ('forward convolutions', 'forward BatchNorm and activations', 'backward convolutions',
+         'backward BatchNorm and activations', 'head, loss, optimizer and the rest')
+# An instruction of the optimized HLO: its name and the rest of its line (target and source op).
+INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.-]+) = (.*)$', re.M)
+
+
+def part(convolution: bool, in_features: bool, backward: bool) -> str:
+  """The PARTS entry of an operation: a convolution's, or one in the network's feature layers (its
+  BatchNorm and activations), in the forward or backward pass; otherwise the rest."""
+  if not (convolution or in_features):
+    return PARTS[-1]
+  return PARTS[2 * backward + (not convolution)]
+
+
+def our_part(hlo_line: str) -> str:
+  source = re.search(r'op_name="([^"]*)"', hlo_line)
+  source = source.group(1) if source else ''
+  return part('custom_call_target="conv_onednn' in hlo_line or '/conv/' in source,
+              '.features/' in source, 'transpose(' in source)
+
+
+def pytorch_part(operator: str) -> str:
+  name = operator.lower()
+  return part('conv' in name, any(k in name for k in ('batch_norm', 'relu', 'threshold',
+                                                          'hardtanh', 'clamp')),
+              'backward' in name)
+
+
+def profile_ours(config, step, steps: int) -> dict[str, float]:
+  """Milliseconds per step in each of PARTS of `steps` calls of our train `step`, and 'step': the
+  profiled calls' wall time."""
+  parts = {name: part_name for name, line in INSTRUCTION.findall(
+      benchmark.compiled_train_step_text(config)) for part_name in [our_part(line)]}
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory):
+      start = time.perf_counter()
+      for _ in range(steps):
+        step()
+      wall = time.perf_counter() - start
+    trace, = glob.glob(os.path.join(directory, '**', '*.xplane.pb'), recursive=True)
+    profile = jax.profiler.ProfileData.from_file(trace)
+  nanoseconds = collections.Counter()
+  for plane in profile.planes:
+    for line in plane.lines:
+      for event in line.events:
+        hlo_op = dict(event.stats).get('hlo_op')
+        if hlo_op:
+          nanoseconds[parts.get(hlo_op, PARTS[-1])] += event.duration_ns
+  return {'step': 1000 * wall / steps,
+          **{name: nanoseconds[name] / 1e6 / steps for name in PARTS}}
+
+
+def profile_pytorch(step, steps: int) -> dict[str, float]:
+  """Milliseconds per step in each of PARTS of `steps` calls of PyTorch's train `step` (the
+  operators' self time), and 'step': the profiled calls' wall time."""
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+    start = time.perf_counter()
+    for _ in range(steps):
+      step()
+    wall = time.perf_counter() - start
+  microseconds = collections.Counter()
+  for operator in profiler.key_averages():
+    microseconds[pytorch_part(operator.key)] += operator.self_cpu_time_total
+  return {'step': 1000 * wall / steps,
+          **{name: microseconds[name] / 1000 / steps for name in PARTS}}
+
+
+def compare(row: Row, steps: int, warmup: int, rounds: int, parts: bool, profile: bool) -> dict:
   config = our_config(row)
   ours_step, _ = benchmark.train_stepper(config)
-  ours, theirs, ratio = alternate(ours_step, pytorch_stepper(row, config.image_size), steps,
-                                  warmup, rounds)
+  their_step = pytorch_stepper(row, config.image_size)
+  ours, theirs, ratio = alternate(ours_step, their_step, steps, warmup, rounds)
   result = {'row': row.name, 'batch_size': row.batch_size,
             'ours_images_per_sec': row.batch_size / ours,
             'pytorch_images_per_sec': row.batch_size / theirs, 'ratio': ratio}
@@ -202,6 +281,9 @@ def compare(row: Row, steps: int, warmup: int, rounds: int, parts: bool) -> dict
         'ours_forward_ms': 1000 * ours_forward, 'pytorch_forward_ms': 1000 * pytorch_forward,
         'depthwise_shape': shape, 'ours_depthwise_ms': 1000 * ours_depthwise,
         'pytorch_depthwise_ms': 1000 * pytorch_depthwise})
+  if profile:
+    result['ours_profile_ms'] = profile_ours(config, ours_step, steps)
+    result['pytorch_profile_ms'] = profile_pytorch(their_step, steps)
   return result
 
 
@@ -219,7 +301,7 @@ def main(argv):
     print('| network | batch | ours (images/s) | PyTorch eager | ours / PyTorch |\n|---|---|---|---|---|')
   for key in flags.FLAGS.rows:
     result = compare(ROWS[key], flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.rounds,
-                     flags.FLAGS.parts)
+                     flags.FLAGS.parts, flags.FLAGS.profile)
     if flags.FLAGS.json:
       print(json.dumps(result), flush=True)
       continue
@@ -232,6 +314,13 @@ def main(argv):
             f'|   3x3 depthwise at {result["depthwise_shape"]}, forward+backward (ms) | | '
             f'{result["ours_depthwise_ms"]:.1f} | {result["pytorch_depthwise_ms"]:.1f} | |',
             flush=True)
+    if flags.FLAGS.profile:
+      ours_profile, pytorch_profile = result['ours_profile_ms'], result['pytorch_profile_ms']
+      print(f'|   profiled step (ms) | | {ours_profile["step"]:.1f} | '
+            f'{pytorch_profile["step"]:.1f} | |', flush=True)
+      for name in PARTS:
+        print(f'|   {name} (ms) | | {ours_profile[name]:.1f} | {pytorch_profile[name]:.1f} | |',
+              flush=True)
 
 
 if __name__ == '__main__':
@@ -241,4 +330,5 @@ if __name__ == '__main__':
   flags.DEFINE_integer('warmup', 3, 'Untimed steps per side after compilation.')
   flags.DEFINE_bool('json', False, 'One JSON object per row.')
   flags.DEFINE_bool('parts', False, 'Also time the forward pass alone and a depthwise layer.')
+  flags.DEFINE_bool('profile', False, "Also profile both sides' train steps by part.")
   app.run(main)
