@@ -160,6 +160,125 @@ def conv_module(conv_impl: str) -> ModuleDef:
   return {'xla': nn.Conv, 'shifted': ShiftedConv, 'onednn': OneDNNConv}[conv_impl]
 
 
+def average_pool(x, window: int, strides: int, padding: int, conv_impl: str):
+  """`nn.avg_pool` of `x` zero-padded by `padding` on every side, the zeros counted in the average
+  (PyTorch's `count_include_pad`). Where `conv_impl` computes with oneDNN, a depthwise convolution
+  with a constant 1 / window^2 kernel instead: the same average, and oneDNN's backward pass is
+  several times faster than XLA's CPU reduce-window (docs/performance.md)."""
+  if conv_module(conv_impl) is OneDNNConv and x.dtype == jnp.float32:
+    channels = x.shape[-1]
+    kernel = jnp.full((window, window, 1, channels), 1 / window**2, jnp.float32)
+    return onednn.conv(x, kernel, (strides, strides), ((padding, padding),) * 2, channels)
+  pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  # Padded first, so that LiteRT gets a plain AVERAGE_POOL_2D.
+  return nn.avg_pool(jnp.pad(x, pads), (window, window), (strides, strides))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_with_tap_gradient(x, window: int, strides: int, padding: Padding):
+  """`nn.max_pool(x, (window, window), (strides, strides), padding)` (explicit paddings), whose
+  gradient goes to the first maximum of each window in row-major order, as XLA's
+  select-and-scatter, computed as k * k masked, strided copies of the output cotangent."""
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
+                               (1, strides, strides, 1), ((0, 0), *padding, (0, 0)))
+
+
+def _max_pool_forward(x, window, strides, padding):
+  y = _max_pool_with_tap_gradient(x, window, strides, padding)
+  return y, (x, y)
+
+
+def _max_pool_backward(window, strides, padding, residuals, dy):
+  x, y = residuals
+  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+  (_, height, width, _), (_, out_h, out_w, _) = padded.shape, y.shape
+  taken = jnp.zeros(y.shape, bool)
+  dx = jnp.zeros_like(padded)
+  for i in range(window):
+    for j in range(window):
+      tap = padded[:, i:i + strides * (out_h - 1) + 1:strides,
+                   j:j + strides * (out_w - 1) + 1:strides, :]
+      first = (tap == y) & ~taken
+      taken = taken | first
+      dx = dx + jax.lax.pad(jnp.where(first, dy, 0), jnp.zeros((), dy.dtype), (
+          (0, 0, 0), (i, height - i - strides * (out_h - 1) - 1, strides - 1),
+          (j, width - j - strides * (out_w - 1) - 1, strides - 1), (0, 0, 0)))
+  (top, bottom), (left, right) = padding
+  return (dx[:, top:height - bottom, left:width - right, :],)
+
+
+_max_pool_with_tap_gradient.defvjp(_max_pool_forward, _max_pool_backward)
+
+
+def max_pool(x, window: int, strides: int, padding: Padding, conv_impl: str):
+  """`nn.max_pool` of `x` with explicit paddings ((top, bottom), (left, right)). Where `conv_impl`
+  computes with oneDNN (on the CPU), its gradient is computed from the window's taps: XLA's CPU
+  gradient of a max pool (a reduce-window over index arrays, then a scatter) costs several times
+  the forward pass (docs/performance.md). The same gradient either way."""
+  if conv_module(conv_impl) is OneDNNConv:
+    return _max_pool_with_tap_gradient(x, window, strides, tuple(map(tuple, padding)))
+  return nn.max_pool(x, (window, window), (strides, strides), padding=padding)
+
+
+@jax.custom_vjp
+def _scale_and_shift(x, mean, var, scale, bias, epsilon):
+  """(x - mean) * rsqrt(var + epsilon) * scale + bias over the last axis of `x`. The backward pass
+  keeps `x` (the convolution's output, alive anyway), not `x - mean`, which automatic
+  differentiation would write out as one more activation-sized array per layer."""
+  return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+
+
+def _scale_and_shift_forward(x, mean, var, scale, bias, epsilon):
+  return _scale_and_shift(x, mean, var, scale, bias, epsilon), (x, mean, var, scale, epsilon)
+
+
+def _scale_and_shift_backward(residuals, dy):
+  x, mean, var, scale, epsilon = residuals
+  inverse_std = jax.lax.rsqrt(var + epsilon)
+  axes = tuple(range(x.ndim - 1))
+  dy_sum = dy.sum(axes)
+  dy_x_centered = (dy * (x - mean)).sum(axes)
+  return (dy * (inverse_std * scale), -inverse_std * scale * dy_sum,
+          -0.5 * scale * inverse_std**3 * dy_x_centered, inverse_std * dy_x_centered, dy_sum,
+          jnp.zeros_like(epsilon))
+
+
+_scale_and_shift.defvjp(_scale_and_shift_forward, _scale_and_shift_backward)
+
+
+class BatchNorm(nn.Module):
+  """`nn.BatchNorm` over the last axis (the same variables, statistics, running averages and
+  outputs) for float32 on the CPU, where its backward pass is the cost: `_scale_and_shift` saves
+  one activation-sized array per layer, and XLA's CPU backward of the normalization reads it."""
+  use_running_average: bool
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  axis_name: Optional[str] = None
+  scale_init: Callable = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      moments = jnp.stack([x.mean(axes), jnp.square(x).mean(axes)])
+      if self.axis_name is not None and not self.is_initializing():
+        moments = jax.lax.pmean(moments, self.axis_name)
+      mean, var = moments[0], jnp.maximum(0.0, moments[1] - jnp.square(moments[0]))
+      if not self.is_initializing():
+        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+    scale = self.param('scale', self.scale_init, features, jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
+    return _scale_and_shift(x, mean, var, scale, bias,
+                            jnp.asarray(self.epsilon, x.dtype)).astype(self.dtype or x.dtype)
+
+
 class ConvBN(nn.Module):
   """Convolution -> BatchNorm -> activation (`act=None` for a linear block; `norm=None` for none,
   as Xception's depthwise convolutions and the layers of SqueezeNet, which has no BatchNorm).
@@ -296,8 +415,9 @@ class Backbone(nn.Module):
     """`ConvBN` with this network's padding, dtype and BatchNorm settings bound in."""
     conv = functools.partial(conv_module(self.conv_impl), use_bias=not self.batch_norm,
                              dtype=self.dtype, kernel_init=conv_kernel_init)
+    onednn_float32 = conv_module(self.conv_impl) is OneDNNConv and self.dtype == jnp.float32
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+        BatchNorm if onednn_float32 else nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
         epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.axis_name)
     if not self.batch_norm:
       norm = None

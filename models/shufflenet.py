@@ -76,6 +76,7 @@ class ShuffleUnit(nn.Module):
   zero_init_residual: bool = False
   shuffle: bool = True
   squeeze_excitation: Optional[layers.ModuleDef] = None
+  conv_impl: str = 'auto'  # Backbone.conv_impl, which also computes the shortcut's average pool
 
   @nn.compact
   def __call__(self, x):
@@ -93,9 +94,8 @@ class ShuffleUnit(nn.Module):
       if self.squeeze_excitation:
         y = self.squeeze_excitation(name='se')(y)
       return nn.relu(x + y)
-    # Zero padding counted in the average (PyTorch's default), padded first so that LiteRT gets a
-    # plain AVERAGE_POOL_2D.
-    shortcut = nn.avg_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), (2, 2))
+    # Zero padding counted in the average (PyTorch's default).
+    shortcut = layers.average_pool(x, 3, 2, 1, self.conv_impl)
     parts = [shortcut, y] if self.shortcut_first else [y, shortcut]
     y = jnp.concatenate(parts, axis=-1)
     if self.squeeze_excitation:
@@ -144,7 +144,7 @@ class ShuffleNet(layers.Backbone):
     # `small_input` drops the stride of the stem and the max pool.
     x = conv_bn(stem, 3, strides=1 if self.small_input else 2, act=nn.relu, name='stem')(x)
     if not self.small_input:
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=layers.symmetric_padding(3))
+      x = layers.max_pool(x, 3, 2, layers.symmetric_padding(3), self.conv_impl)
     squeeze_excitation = None
     if self.se_reduction:
       squeeze_excitation = functools.partial(layers.SqueezeExcitation, self.se_reduction,
@@ -157,5 +157,6 @@ class ShuffleNet(layers.Backbone):
                         shortcut_first=self.shortcut_first,
                         zero_init_residual=self.zero_init_residual,
                         shuffle=self.channel_shuffle, squeeze_excitation=squeeze_excitation,
+                        conv_impl=self.conv_impl,
                         name=f'stage{stage + 2}_unit{unit + 1}')(x)
     return x

@@ -134,7 +134,8 @@ class ShuffleNetStructure(layers.Backbone):
       # The stem's output is non-negative (ReLU): zero padding pools as -inf padding does, and
       # keeps -inf out of an int8 export's calibration (it gave the stem's output a scale of
       # 1e36, which XNNPACK refuses).
-      x = nn.max_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), (2, 2))
+      x = layers.max_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), 3, 2, ((0, 0), (0, 0)),
+                          self.conv_impl)
     widths = stage_widths(self.unit, self.alpha)
     for stage, (units, width) in enumerate(zip(STAGE_UNITS, widths)):
       for unit in range(units):

@@ -313,6 +313,31 @@ def test_batchnorm_statistics_synchronise_over_axis_name():
     np.testing.assert_allclose(b[1], a, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('train', [True, False])
+def test_cpu_batchnorm_equals_flax_in_float64(train):
+  """layers.BatchNorm (the CPU's, with oneDNN) gives nn.BatchNorm's outputs, running averages and
+  gradients (of the input, the scale and the bias) in float64, statistics synchronised over an
+  axis of two replicas, as the train step's pmap does."""
+  rng = np.random.default_rng(0)
+  x = 1 + 3 * rng.normal(size=(2, 4, 5, 3, 6))  # (replicas, batch, height, width, channels)
+  dy = rng.normal(size=x.shape)
+  variables = {'params': {'scale': rng.normal(size=6), 'bias': rng.normal(size=6)},
+               'batch_stats': {'mean': rng.normal(size=6), 'var': rng.uniform(0.5, 2, size=6)}}
+  def results(module):
+    norm = module(use_running_average=not train, momentum=0.9, epsilon=1e-3, axis_name='batch')
+    def replica(params, x):
+      return norm.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+    (y, updates), vjp = jax.vjp(
+        jax.vmap(replica, in_axes=(None, 0), axis_name='batch'), variables['params'], x)
+    zero_updates = jax.tree.map(jnp.zeros_like, updates)
+    return y, updates, *vjp((jnp.asarray(dy), zero_updates))
+  with jax.enable_x64(True):
+    ours, flax_ = results(layers.BatchNorm), results(nn.BatchNorm)
+    assert ours[0].dtype == jnp.float64
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(flax_), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize('setting,value,message', [
     ('model.alpha', 0.0, 'model.alpha must be > 0'),
     ('model.alpha', -1.0, 'model.alpha must be > 0'),

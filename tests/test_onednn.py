@@ -14,6 +14,7 @@ import pytest
 
 from configs import mobilenet_v1, mobilenet_v2, shufflenet
 import models
+from models import layers
 from models import onednn
 
 
@@ -130,10 +131,52 @@ def test_other_geometries_match_float64_on_one_or_two_threads(
   assert_exact(x_shape, kernel_shape, strides, padding, groups)
 
 
+@pytest.mark.parametrize('size', [8, 13])
+def test_average_pool_as_a_convolution_matches_float64(size):
+  """ShuffleNet's stride-2 shortcut pool (3x3, zero padding 1 counted): oneDNN's constant-kernel
+  depthwise convolution gives the average and its input gradient of `nn.avg_pool` in float64."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, size, size, 24))
+  dy = rng.normal(size=(3, (size - 1) // 2 + 1, (size - 1) // 2 + 1, 24))
+  def pool_and_gradient(x, dy, conv_impl):
+    y, vjp = jax.vjp(lambda x: layers.average_pool(x, 3, 2, 1, conv_impl), x)
+    return y, *vjp(dy)
+  with jax.enable_x64(True):
+    exact = pool_and_gradient(jnp.asarray(x), jnp.asarray(dy), 'xla')
+    magnitude = pool_and_gradient(jnp.asarray(abs(x)), jnp.asarray(abs(dy)), 'xla')
+  ours = pool_and_gradient(jnp.asarray(x, jnp.float32), jnp.asarray(dy, jnp.float32), 'onednn')
+  for name, a, reference, scale in zip(('y', 'dx'), ours, exact, magnitude):
+    assert a.shape == reference.shape, name
+    error = np.abs(np.asarray(a, np.float64) - np.asarray(reference))
+    assert np.all(error <= 4 * 3 * np.finfo(np.float32).eps * np.asarray(scale)), (
+        f'{name} at {size} px: {error.max():.3g} from float64')
+
+
+@pytest.mark.parametrize('size,padding', [(16, ((1, 1), (1, 1))), (13, ((0, 1), (1, 0)))])
+def test_max_pool_tap_gradient_equals_xlas(size, padding):
+  """With oneDNN, a max pool's gradient is computed from its taps: the same as XLA's
+  select-and-scatter, ties (the zeros after a ReLU) going to the window's first maximum."""
+  rng = np.random.default_rng(0)
+  x = np.maximum(rng.normal(size=(2, size, size, 8)), 0)  # half zeros: ties in most windows
+  x[0, :3, :3] = 1.0  # ties of equal positive values
+  def pool_and_gradient(x, conv_impl):
+    y, vjp = jax.vjp(lambda x: layers.max_pool(x, 3, 2, padding, conv_impl), x)
+    return y, *vjp(jnp.asarray(rng.normal(size=y.shape), x.dtype))
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    exact = pool_and_gradient(jnp.asarray(x), 'xla')
+    rng = np.random.default_rng(1)
+    ours = pool_and_gradient(jnp.asarray(x), 'onednn')
+  for name, a, reference in zip(('y', 'dx'), ours, exact):
+    assert a.shape == reference.shape, name
+    np.testing.assert_allclose(a, reference, rtol=1e-15, atol=1e-15, err_msg=name)
+
+
 def test_networks_fall_back_to_xla_with_one_warning_when_the_library_does_not_load(tmp_path):
   """With the library missing, conv_impl='auto' is ShiftedConv and says so once, however often
   the networks ask; conv_impl='onednn' is one error naming the build command."""
   program = f"""
+from models import layers
 from models import onednn
 onednn.LIBRARY = {str(tmp_path / 'missing.so')!r}
 from configs import mobilenet_v1
