@@ -23,9 +23,9 @@ def test_benchmark_command_times_train_and_eval_steps_and_the_teachers_cost(tmp_
 
 
 @pytest.mark.slow
-def test_compare_pytorch_times_both_sides_and_the_parts():
+def test_compare_pytorch_times_both_sides_the_parts_and_the_profile():
   out = run_tool('tools/compare_pytorch.py', '--rows=v2_0.5_32', '--steps=2', '--warmup=1',
-                 '--rounds=1', '--json', '--parts', check=True)
+                 '--rounds=1', '--json', '--parts', '--profile', check=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['row'] == 'MobileNet V2 0.5, 32 px' and result['batch_size'] == 128
   ours, theirs = result['ours_images_per_sec'], result['pytorch_images_per_sec']
@@ -35,6 +35,15 @@ def test_compare_pytorch_times_both_sides_and_the_parts():
   # 16x16 at 32 px with 16 channels (32 x 0.5).
   assert result['depthwise_shape'] == [128, 16, 16, 16]
   assert result['ours_forward_ms'] > 0 and result['pytorch_depthwise_ms'] > 0
+  # Both profiles name every part, and ours finds its convolutions and BatchNorms in the HLO.
+  for side in ('ours_profile_ms', 'pytorch_profile_ms'):
+    profile = result[side]
+    assert set(profile) == {'step', 'forward convolutions', 'forward BatchNorm and activations',
+                            'backward convolutions', 'backward BatchNorm and activations',
+                            'head, loss, optimizer and the rest'}, side
+    assert profile['step'] > 0 and all(
+        profile[part] > 0 for part in profile if 'convolutions' in part or 'BatchNorm' in part), (
+            side, profile)
 
 
 @pytest.mark.slow

@@ -224,19 +224,21 @@ def pytorch_part(operator: str) -> str:
               'backward' in name)
 
 
-def profile_ours(config, step, steps: int) -> dict[str, float]:
+def profile_ours(config, step, steps: int, warmup: int) -> dict[str, float]:
   """Milliseconds per step in each of PARTS of `steps` calls of our train `step`, and 'step': the
-  profiled calls' wall time."""
+  profiled calls' wall time. A first trace of `warmup` calls is left out: a process's first trace
+  sets the profiler up and runs the step at half speed or less."""
   parts = {name: part_name for name, line in INSTRUCTION.findall(
       benchmark.compiled_train_step_text(config)) for part_name in [our_part(line)]}
-  with tempfile.TemporaryDirectory() as directory:
-    with jax.profiler.trace(directory):
-      start = time.perf_counter()
-      for _ in range(steps):
-        step()
-      wall = time.perf_counter() - start
-    trace, = glob.glob(os.path.join(directory, '**', '*.xplane.pb'), recursive=True)
-    profile = jax.profiler.ProfileData.from_file(trace)
+  for calls in (warmup, steps):
+    with tempfile.TemporaryDirectory() as directory:
+      with jax.profiler.trace(directory):
+        start = time.perf_counter()
+        for _ in range(calls):
+          step()
+        wall = time.perf_counter() - start
+      trace, = glob.glob(os.path.join(directory, '**', '*.xplane.pb'), recursive=True)
+      profile = jax.profiler.ProfileData.from_file(trace)
   nanoseconds = collections.Counter()
   for plane in profile.planes:
     for line in plane.lines:
@@ -248,14 +250,16 @@ def profile_ours(config, step, steps: int) -> dict[str, float]:
           **{name: nanoseconds[name] / 1e6 / steps for name in PARTS}}
 
 
-def profile_pytorch(step, steps: int) -> dict[str, float]:
+def profile_pytorch(step, steps: int, warmup: int) -> dict[str, float]:
   """Milliseconds per step in each of PARTS of `steps` calls of PyTorch's train `step` (the
-  operators' self time), and 'step': the profiled calls' wall time."""
-  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-    start = time.perf_counter()
-    for _ in range(steps):
-      step()
-    wall = time.perf_counter() - start
+  operators' self time), and 'step': the profiled calls' wall time; after a first profile of
+  `warmup` calls, left out, as in `profile_ours`."""
+  for calls in (warmup, steps):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+      start = time.perf_counter()
+      for _ in range(calls):
+        step()
+      wall = time.perf_counter() - start
   microseconds = collections.Counter()
   for operator in profiler.key_averages():
     microseconds[pytorch_part(operator.key)] += operator.self_cpu_time_total
@@ -282,8 +286,8 @@ def compare(row: Row, steps: int, warmup: int, rounds: int, parts: bool, profile
         'depthwise_shape': shape, 'ours_depthwise_ms': 1000 * ours_depthwise,
         'pytorch_depthwise_ms': 1000 * pytorch_depthwise})
   if profile:
-    result['ours_profile_ms'] = profile_ours(config, ours_step, steps)
-    result['pytorch_profile_ms'] = profile_pytorch(their_step, steps)
+    result['ours_profile_ms'] = profile_ours(config, ours_step, steps, warmup)
+    result['pytorch_profile_ms'] = profile_pytorch(their_step, steps, warmup)
   return result
 
 
