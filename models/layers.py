@@ -3,8 +3,9 @@
 Every network is a stack of `ConvBN` blocks (convolution -> BatchNorm -> optional activation;
 SqueezeNet's have a bias instead of BatchNorm) followed by a classifier head. Depthwise and grouped
 convolutions are `nn.Conv` with `feature_group_count` on GPUs and TPUs, and the same computation by
-oneDNN (`OneDNNConv`) or as shifted products (`ShiftedConv`) on the CPU (`Backbone.conv_impl`); all
-tensors are NHWC.
+oneDNN (`OneDNNConv`) or as shifted products (`ShiftedConv`) on the CPU (`Backbone.conv_impl`).
+With oneDNN, BatchNorm (`BatchNorm`) and the pools (`average_pool`, `max_pool`) also compute their
+gradients in ways faster on the CPU, with the same results. All tensors are NHWC.
 """
 
 import functools
@@ -415,10 +416,12 @@ class Backbone(nn.Module):
     """`ConvBN` with this network's padding, dtype and BatchNorm settings bound in."""
     conv = functools.partial(conv_module(self.conv_impl), use_bias=not self.batch_norm,
                              dtype=self.dtype, kernel_init=conv_kernel_init)
+    # The CPU's BatchNorm where oneDNN computes the convolutions (float32), flax's elsewhere.
     onednn_float32 = conv_module(self.conv_impl) is OneDNNConv and self.dtype == jnp.float32
     norm = functools.partial(
-        BatchNorm if onednn_float32 else nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-        epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.axis_name)
+        BatchNorm if onednn_float32 else nn.BatchNorm, use_running_average=not train,
+        momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
+        axis_name=self.axis_name)
     if not self.batch_norm:
       norm = None
     return functools.partial(ConvBN, conv=conv, norm=norm, padding=self.padding)

@@ -7,7 +7,8 @@ import pytest
 
 import malloc_tunables
 
-HEAP_REUSE = 'glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=4294967296'
+HEAP_REUSE = ('glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:'
+              'glibc.malloc.trim_threshold=4294967296')
 
 
 @pytest.fixture
