@@ -275,6 +275,9 @@ def compare(row: Row, steps: int, warmup: int, rounds: int, parts: bool, profile
   result = {'row': row.name, 'batch_size': row.batch_size,
             'ours_images_per_sec': row.batch_size / ours,
             'pytorch_images_per_sec': row.batch_size / theirs, 'ratio': ratio}
+  if profile:  # before the parts, whose other compiled functions and networks slow its trace
+    result['ours_profile_ms'] = profile_ours(config, ours_step, steps, warmup)
+    result['pytorch_profile_ms'] = profile_pytorch(their_step, steps, warmup)
   if parts:
     ours_forward, pytorch_forward, _ = alternate(*forward_steppers(row, config), steps, warmup,
                                                  rounds)
@@ -285,9 +288,6 @@ def compare(row: Row, steps: int, warmup: int, rounds: int, parts: bool, profile
         'ours_forward_ms': 1000 * ours_forward, 'pytorch_forward_ms': 1000 * pytorch_forward,
         'depthwise_shape': shape, 'ours_depthwise_ms': 1000 * ours_depthwise,
         'pytorch_depthwise_ms': 1000 * pytorch_depthwise})
-  if profile:
-    result['ours_profile_ms'] = profile_ours(config, ours_step, steps, warmup)
-    result['pytorch_profile_ms'] = profile_pytorch(their_step, steps, warmup)
   return result
 
 
