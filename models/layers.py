@@ -166,7 +166,7 @@ def average_pool(x, window: int, strides: int, padding: int, conv_impl: str):
   (PyTorch's `count_include_pad`). Where `conv_impl` computes with oneDNN, a depthwise convolution
   with a constant 1 / window^2 kernel instead: the same average, and oneDNN's backward pass is
   several times faster than XLA's CPU reduce-window (docs/performance.md)."""
-  if conv_module(conv_impl) is OneDNNConv and x.dtype == jnp.float32:
+  if computes_with_onednn(conv_impl) and x.dtype == jnp.float32:
     channels = x.shape[-1]
     kernel = jnp.full((window, window, 1, channels), 1 / window**2, jnp.float32)
     return onednn.conv(x, kernel, (strides, strides), ((padding, padding),) * 2, channels)
@@ -216,7 +216,7 @@ def max_pool(x, window: int, strides: int, padding: Padding, conv_impl: str):
   computes with oneDNN (on the CPU), its gradient is computed from the window's taps: XLA's CPU
   gradient of a max pool (a reduce-window over index arrays, then a scatter) costs several times
   the forward pass (docs/performance.md). The same gradient either way."""
-  if conv_module(conv_impl) is OneDNNConv:
+  if computes_with_onednn(conv_impl):
     return _max_pool_with_tap_gradient(x, window, strides, tuple(map(tuple, padding)))
   return nn.max_pool(x, (window, window), (strides, strides), padding=padding)
 
@@ -278,6 +278,12 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
     return _scale_and_shift(x, mean, var, scale, bias,
                             jnp.asarray(self.epsilon, x.dtype)).astype(self.dtype or x.dtype)
+
+
+def computes_with_onednn(conv_impl: str) -> bool:
+  """Whether `conv_impl` resolves to `OneDNNConv` here: the CPU's convolutions, BatchNorm and
+  pool gradients."""
+  return conv_module(conv_impl) is OneDNNConv
 
 
 class ConvBN(nn.Module):
@@ -417,7 +423,7 @@ class Backbone(nn.Module):
     conv = functools.partial(conv_module(self.conv_impl), use_bias=not self.batch_norm,
                              dtype=self.dtype, kernel_init=conv_kernel_init)
     # The CPU's BatchNorm where oneDNN computes the convolutions (float32), flax's elsewhere.
-    onednn_float32 = conv_module(self.conv_impl) is OneDNNConv and self.dtype == jnp.float32
+    onednn_float32 = computes_with_onednn(self.conv_impl) and self.dtype == jnp.float32
     norm = functools.partial(
         BatchNorm if onednn_float32 else nn.BatchNorm, use_running_average=not train,
         momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
